@@ -1,0 +1,2 @@
+"""PruneRL's Lightning callbacks. Hydra instantiates them from ``conf/callbacks``; ``prunerl``
+never imports this package."""

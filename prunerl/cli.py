@@ -1,0 +1,69 @@
+"""The command line: ``python -m prunerl {fit,evaluate} [overrides]`` and ``--help``.
+
+Each command is a thin Hydra wrapper around a plain function (``fit(cfg)``, ``evaluate(cfg)``).
+Bad input raises :class:`~prunerl.config.ConfigError`; the CLI prints its one-line message and
+exits with status 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from prunerl.config import ConfigError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+COMMANDS = {
+    "fit": ("config", "train PPO(+SA) on a MuJoCo task (Hydra overrides: env=, algo.kappa=, total_frames=, ...)"),
+    "evaluate": ("evaluate", "evaluate a checkpoint: checkpoint=PATH [episodes=N] [deterministic=true|false]"),
+}
+
+GROUPS_HELP = """config groups (choose with GROUP=OPTION):
+  env         hopper (default) | walker2d | halfcheetah | ant | inverted_pendulum
+  algo        ppo (PPO + SA regulariser; algo.kappa=0 turns SA off)
+  logger      csv (default) | none | tensorboard | wandb   (W&B runs offline without a key)
+  trainer     default (lightning.Trainer arguments)
+  callbacks   default (named _target_ mappings; callbacks.NAME=null drops one)
+  experiment  paper_hopper (the paper's 50M-frame GPU run)
+
+common keys: total_frames=N seed=S device=auto|cpu|cuda resume=PATH hydra.run.dir=DIR, -m for multirun
+show a composed config: python -m prunerl fit --cfg job"""
+
+
+def usage() -> str:
+    lines = ["usage: python -m prunerl COMMAND [hydra overrides]", "", "commands:"]
+    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines) + "\n\n" + GROUPS_HELP
+
+
+def _run(command: str, cfg: DictConfig):
+    try:
+        if command == "fit":
+            from prunerl.fit import fit
+
+            return fit(cfg)
+        from prunerl.evaluate import evaluate
+
+        return evaluate(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; allowed: {list(COMMANDS)}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    config_name = COMMANDS[command][0]
+    sys.argv = [f"prunerl {command}", *rest]
+    hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(
+        lambda cfg: _run(command, cfg))()

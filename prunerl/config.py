@@ -1,0 +1,102 @@
+"""Checks on a composed config: every bad value gets one clear error before anything is written.
+
+Errors name the key, the bad value and what is allowed (STYLE.md), e.g.
+``algo.kappa=-0.1 is negative; κ must be >= 0 (0 turns SA off)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from prunerl.envs import TASKS
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A bad config value, path or checkpoint; the message says which and what is allowed."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in DEVICES:
+        raise ConfigError(f"device={device!r} is not allowed; allowed: {list(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was asked for, but CUDA is not available on this machine "
+                          f"(torch {torch.__version__}); use device=cpu or device=auto")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a positive integer")
+    return value
+
+
+def validate_fit(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first bad value in a ``fit`` config."""
+    env, algo = cfg.env, cfg.algo
+    if env.name not in TASKS:
+        raise ConfigError(f"env={env.name!r} is not a known task; allowed: {sorted(TASKS)}")
+    if env.id != TASKS[env.name].env_id:
+        raise ConfigError(f"env.id={env.id!r} does not match env={env.name} "
+                          f"(expected {TASKS[env.name].env_id!r})")
+    for name, value in (("env.eps", env.eps), ("algo.sa.eps", algo.sa.eps)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{name}={value} is negative; ε must be >= 0")
+    if algo.kappa < 0:
+        raise ConfigError(f"algo.kappa={algo.kappa} is negative; κ must be >= 0 (0 turns SA off)")
+    total = _positive_int("total_frames", cfg.total_frames)
+    n_envs = _positive_int("env.num_envs", env.num_envs)
+    fpb = _positive_int("algo.frames_per_batch", algo.frames_per_batch)
+    mbs = _positive_int("algo.minibatches", algo.minibatches)
+    _positive_int("algo.epochs", algo.epochs)
+    _positive_int("torch_threads", cfg.torch_threads)
+    if fpb % n_envs:
+        raise ConfigError(f"algo.frames_per_batch={fpb} is not divisible by env.num_envs={n_envs}; "
+                          f"allowed: a multiple of {n_envs}")
+    if fpb % mbs:
+        raise ConfigError(f"algo.frames_per_batch={fpb} is not divisible by algo.minibatches={mbs}; "
+                          "every minibatch must have the same size")
+    if total < fpb:
+        raise ConfigError(f"total_frames={total} is smaller than one rollout "
+                          f"(algo.frames_per_batch={fpb})")
+    if algo.sa.steps < 0 or algo.sa.step_ratio <= 0:
+        raise ConfigError(f"algo.sa.steps={algo.sa.steps} must be >= 0 and "
+                          f"algo.sa.step_ratio={algo.sa.step_ratio} must be > 0")
+    if not 0 <= algo.sa.eps_ramp <= 1:
+        raise ConfigError(f"algo.sa.eps_ramp={algo.sa.eps_ramp} is outside [0, 1]")
+    if algo.model.activation not in ("tanh", "relu"):
+        raise ConfigError(f"algo.model.activation={algo.model.activation!r} is not allowed; "
+                          "allowed: ['relu', 'tanh']")
+    if algo.model.sigma <= 0:
+        raise ConfigError(f"algo.model.sigma={algo.model.sigma} must be > 0")
+    if cfg.checkpoint.every_n_rollouts is not None:
+        _positive_int("checkpoint.every_n_rollouts", cfg.checkpoint.every_n_rollouts)
+    resolve_device(cfg.device)
+    if cfg.resume is not None:
+        ckpt = load_checkpoint(cfg.resume, key="resume")
+        task = ckpt["prunerl"]["config"]["env"]["name"]
+        if task != env.name:
+            raise ConfigError(f"resume={cfg.resume} is a checkpoint of env={task}, "
+                              f"but this run is env={env.name}")
+
+
+def load_checkpoint(path, key: str = "checkpoint") -> dict:
+    """Load a PruneRL checkpoint, or raise :class:`ConfigError` saying what is wrong with it."""
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{key}={path} does not exist" if not p.exists()
+                          else f"{key}={path} is not a file")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 — any unpickling failure means the file is unusable
+        raise ConfigError(f"{key}={path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "prunerl" not in ckpt or "state_dict" not in ckpt:
+        raise ConfigError(f"{key}={path} is not a PruneRL checkpoint (no 'prunerl' entry); "
+                          "expected a .ckpt written by `python -m prunerl fit`")
+    return ckpt

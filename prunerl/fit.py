@@ -1,0 +1,144 @@
+"""``python -m prunerl fit``: assemble env, models, module, collector, callbacks and Trainer.
+
+``fit(cfg)`` is a plain function returning the run's summary (STYLE.md: the Hydra wrapper is
+thin, tests call ``fit`` on a composed config).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from prunerl.config import ConfigError, resolve_device, validate_fit
+from prunerl.data import RolloutDataModule
+from prunerl.envs import TASKS
+from prunerl.models import Critic, GaussianActor
+from prunerl.module import PPOModule
+from prunerl.rundir import MetricsLogger, RunDir
+
+
+def build_models(cfg: DictConfig, obs_dim: int, act_dim: int) -> tuple[GaussianActor, Critic]:
+    m = cfg.algo.model
+    actor = GaussianActor(obs_dim, act_dim, tuple(m.hidden), m.activation, m.sigma, m.learn_std)
+    critic = Critic(obs_dim, tuple(m.hidden), m.activation)
+    return actor, critic
+
+
+def task_eps(cfg: DictConfig) -> float:
+    """ε of the SA ball: ``algo.sa.eps`` if set, else the task's ε."""
+    return float(cfg.env.eps if cfg.algo.sa.eps is None else cfg.algo.sa.eps)
+
+
+def _use_wandb_offline_without_key(cfg: DictConfig) -> None:
+    if "wandb" in (cfg.logger or {}) and "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+        netrc = Path.home() / ".netrc"
+        if not (netrc.exists() and "api.wandb.ai" in netrc.read_text()):
+            os.environ["WANDB_MODE"] = "offline"
+
+
+def weight_sparsity(module: torch.nn.Module) -> float:
+    """Fraction of exactly-zero entries over the weight matrices of ``module``'s Linear layers."""
+    ws = [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    total = sum(w.numel() for w in ws)
+    return sum(int((w == 0).sum()) for w in ws) / total if total else 0.0
+
+
+def fit(cfg: DictConfig) -> dict:
+    """Train as ``cfg`` says; write the run directory; return ``summary.json``'s content."""
+    validate_fit(cfg)
+    run = RunDir(cfg.run_dir)
+    if run.existing_run():
+        raise ConfigError(f"hydra.run.dir={run.path} already holds a run ({', '.join(run.existing_run())}); "
+                          "choose a new directory (resume=PATH writes its continuation to a new one)")
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.torch_threads)
+    L.seed_everything(cfg.seed, workers=False, verbose=False)
+    _use_wandb_offline_without_key(cfg)
+
+    # Create the models
+    task = TASKS[cfg.env.name]
+    algo = cfg.algo
+    probe = __import__("gymnasium").make(task.env_id)
+    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    probe.close()
+    actor, critic = build_models(cfg, obs_dim, act_dim)
+    actor.to(device), critic.to(device)
+
+    # Create the collector's datamodule and the PPO+SA module
+    dm = RolloutDataModule(
+        cfg.env.name, actor, critic, num_envs=cfg.env.num_envs, frames_per_batch=algo.frames_per_batch,
+        epochs=algo.epochs, minibatches=algo.minibatches, gamma=algo.gamma, lmbda=algo.gae_lambda,
+        seed=cfg.seed, device=device, clip_obs=cfg.env.clip_obs, scale_reward=cfg.env.scale_reward,
+    )
+    n_rollouts = math.ceil(cfg.total_frames / algo.frames_per_batch)
+    module = PPOModule(
+        actor, critic, total_updates=n_rollouts * dm.updates_per_rollout, lr=algo.lr,
+        adam_eps=algo.adam_eps, clip=algo.clip, vf_coef=algo.vf_coef, ent_coef=algo.ent_coef,
+        max_grad_norm=algo.max_grad_norm, normalize_advantage=algo.normalize_advantage,
+        kappa=algo.kappa, eps=task_eps(cfg), sa_steps=algo.sa.steps, sa_step_ratio=algo.sa.step_ratio,
+        eps_ramp=algo.sa.eps_ramp,
+    )
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+
+    # Create loggers and callbacks (named _target_ mappings; null entries are dropped)
+    run.write_config(cfg)
+    loggers = [MetricsLogger(run.path)]
+    loggers += [hydra.utils.instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    callbacks.append(ModelCheckpoint(
+        dirpath=run.checkpoints, filename="rollout{epoch:05d}-t{step}", every_n_epochs=cfg.checkpoint.every_n_rollouts,
+        save_on_train_epoch_end=True, save_top_k=-1, save_last=True, auto_insert_metric_name=False,
+    ))
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, accelerator="gpu" if device.type == "cuda" else "cpu", max_epochs=n_rollouts,
+        logger=loggers, callbacks=callbacks, default_root_dir=str(run.path),
+        enable_progress_bar=any(type(c).__name__.endswith("ProgressBar") for c in callbacks),
+    )
+
+    # Train
+    t0 = time.perf_counter()
+    frames0 = 0
+    if cfg.resume is not None:
+        frames0 = torch.load(cfg.resume, map_location="cpu", weights_only=False)[
+            "prunerl"]["frames"]
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume)
+    wall = time.perf_counter() - t0
+    trainer.save_checkpoint(run.checkpoints / "last.ckpt")
+
+    summary = {
+        "frames": dm.frames,
+        "wall_time_s": wall,
+        "sps": (dm.frames - frames0) / wall,
+        "collect_time_s": dm.collect_time,
+        "updates": trainer.global_step,
+        "train_return": dm.train_return,
+        "episodes": dm.episodes,
+        "clean_return": None,
+        "attack_returns": {},
+        "sparsity": {"global": weight_sparsity(torch.nn.ModuleList([actor, critic])),
+                     "actor": weight_sparsity(actor), "critic": weight_sparsity(critic)},
+        "lipschitz_surrogate": None,
+        "certified_bound": None,
+        "seed": cfg.seed,
+        "env": cfg.env.name,
+        "env_id": task.env_id,
+        "eps": task_eps(cfg),
+        "kappa": algo.kappa,
+        "pruning_method": "none",
+        "final_sparsity": 0.0,
+        "device": str(device),
+        "resumed_from": cfg.resume,
+    }
+    for extra in trainer.callbacks:  # callbacks may add their figures (pruning, Lipschitz, eval)
+        if hasattr(extra, "summary"):
+            summary.update(extra.summary(trainer, module))
+    run.write_summary(summary)
+    return summary

@@ -1,0 +1,106 @@
+"""The LightningModule: PPO + SA loss (Sec. 4.2, Alg. 1 lines 5–8).
+
+One Lightning training step is one minibatch update, so ``trainer.global_step`` is Algorithm 1's
+update counter t; one Lightning epoch is one PPO iteration (one rollout, ``epochs × minibatches``
+updates). Manual optimisation: the loss, gradient clipping and the optimiser step are spelled out.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from tensordict import TensorDictBase
+
+from prunerl.models import Critic, GaussianActor
+from prunerl.ppo import ppo_loss_terms
+from prunerl.sa import sa_regularizer
+
+
+class PPOModule(L.LightningModule):
+    def __init__(self, actor: GaussianActor, critic: Critic, *, total_updates: int, lr: float = 3e-4,
+                 adam_eps: float = 1e-5, clip: float = 0.2, vf_coef: float = 0.5,
+                 ent_coef: float = 0.01, max_grad_norm: float = 1.0, normalize_advantage: bool = True,
+                 kappa: float = 0.0, eps: float = 0.0, sa_steps: int = 10,
+                 sa_step_ratio: float = 0.1, eps_ramp: float = 0.75):
+        super().__init__()
+        self.automatic_optimization = False
+        self.actor = actor
+        self.critic = critic
+        self.total_updates = total_updates
+        self.lr, self.adam_eps = lr, adam_eps
+        self.clip, self.vf_coef, self.ent_coef = clip, vf_coef, ent_coef
+        self.max_grad_norm = max_grad_norm
+        self.normalize_advantage = normalize_advantage
+        self.kappa, self.eps = kappa, eps
+        self.sa_steps, self.sa_step_ratio, self.eps_ramp = sa_steps, sa_step_ratio, eps_ramp
+        self._step_metrics: list[torch.Tensor] = []
+        self._metric_names: list[str] = []
+
+    def configure_optimizers(self):
+        params = list(self.actor.parameters()) + list(self.critic.parameters())
+        return torch.optim.Adam(params, lr=self.lr, eps=self.adam_eps)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # the rollout is stored on the learner's device already
+
+    def sa_eps(self, t: int) -> float:
+        """ε_t: ramped linearly from 0 to ε over the first ``eps_ramp`` of the T updates."""
+        if self.eps_ramp <= 0:
+            return self.eps
+        return self.eps * min(1.0, t / (self.eps_ramp * self.total_updates))
+
+    def training_step(self, batch: TensorDictBase, batch_idx: int):
+        obs = batch["observation"]
+        mean = self.actor(obs)
+        logp = self.actor.log_prob(mean, batch["action"])
+        value = self.critic(obs)
+        terms = ppo_loss_terms(logp, batch["sample_log_prob"], batch["advantage"], value,
+                               batch["value_target"], self.clip, self.normalize_advantage)
+        entropy = self.actor.entropy()
+        loss = terms["loss_objective"] + self.vf_coef * terms["loss_critic"] - self.ent_coef * entropy
+        metrics = {**terms, "entropy": entropy.detach()}
+        if self.kappa > 0:  # κ = 0 skips the inner maximisation entirely
+            eps_t = self.sa_eps(self.global_step)
+            reg, kl_found = sa_regularizer(self.actor, obs, self.actor.std, eps_t, self.sa_steps,
+                                           eps_t * self.sa_step_ratio)
+            loss = loss + self.kappa * reg
+            metrics.update(loss_sa=reg.detach(), sa_kl=kl_found, sa_eps=torch.tensor(eps_t))
+        metrics["loss"] = loss.detach()
+
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+
+        # Accumulate cheaply; logged once per rollout (self.log per step costs more than a step).
+        if not self._metric_names:
+            self._metric_names = list(metrics)
+        self._step_metrics.append(torch.stack([metrics[k].float() for k in self._metric_names]))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        dm = self.trainer.datamodule
+        checkpoint["prunerl"] = {
+            "config": getattr(self, "run_config", None),
+            "frames": dm.frames if dm is not None else None,
+            "datamodule_key": type(dm).__qualname__ if dm is not None else None,
+        }
+
+    def on_train_epoch_end(self):
+        dm = self.trainer.datamodule
+        if dm is not None:
+            self.log("train/frames", float(dm.frames), on_step=False, on_epoch=True)
+            self.log("train/episode_return", dm.train_return, on_step=False, on_epoch=True)
+            if dm.recent_lengths:
+                self.log("train/episode_length", sum(dm.recent_lengths) / len(dm.recent_lengths),
+                         on_step=False, on_epoch=True)
+        if not self._step_metrics:
+            return
+        means = torch.stack(self._step_metrics).mean(0).tolist()
+        self._step_metrics.clear()
+        prefix = {"loss_objective": "loss/", "loss_critic": "loss/", "loss": "loss/", "entropy": "loss/",
+                  "loss_sa": "sa/", "sa_kl": "sa/", "sa_eps": "sa/"}
+        for name, v in zip(self._metric_names, means):
+            key = prefix.get(name, "ppo/") + name
+            self.log(key, v, on_step=False, on_epoch=True)
+        self.log("train/update", float(self.global_step), on_step=False, on_epoch=True)

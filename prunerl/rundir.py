@@ -1,0 +1,96 @@
+"""The run directory contract (DESIGN.md): config.yaml, checkpoints/, metrics.jsonl, summary.json.
+
+One home for writing it: ``fit`` uses :class:`RunDir`; the report and benchmarks read it with
+:func:`read_summary` / :func:`read_metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+SUMMARY_KEYS = ("frames", "wall_time_s", "sps", "train_return", "clean_return", "attack_returns",
+                "sparsity", "lipschitz_surrogate", "certified_bound", "seed", "env_id", "kappa",
+                "pruning_method", "final_sparsity")
+RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl", "checkpoints")
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def existing_run(self) -> list[str]:
+        """What of a previous run already stands here (a new run must not overwrite it)."""
+        return [m for m in RUN_MARKERS if (self.path / m).exists()]
+
+    def write_config(self, cfg: DictConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise KeyError(f"summary.json lacks keys {missing}")
+        out = self.path / "summary.json"
+        out.write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
+        return out
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if hasattr(x, "item"):
+        return _jsonable(x.item())
+    return x
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger(Logger):
+    """The run directory's own metrics log: one JSON object per logged step, appended.
+
+    Always attached, whatever ``logger=`` says, so every run has a machine-readable log.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        super().__init__()
+        self.file = Path(run_dir) / "metrics.jsonl"
+
+    @property
+    def name(self) -> str:
+        return "metrics"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with self.file.open("a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,79 @@
+"""The max-KL inner maximisation: max_{ŝ∈B(s)} KL(π(·|s) ‖ π(·|ŝ)) over the ℓ∞ ball of radius ε.
+
+One home for it: the SA regulariser (Sec. 4.2) and the MAD attack both call
+:func:`max_kl_perturbation`. For two Gaussians with the same diagonal covariance,
+KL(π(·|s) ‖ π(·|ŝ)) = ½ Σ_i ((μ_i(ŝ) − μ_i(s)) / σ_i)², which is what :func:`gaussian_kl` computes.
+
+The maximiser follows the SA-PPO reference (Zhang et al. 2020): start at s + sign(N(0,1))·α,
+then ``steps`` projected sign-gradient (SGLD) steps ŝ ← Π_B(ŝ + α·sign(∇ + ξ)), ξ ~ N(0, 2αβ²)
+(β = ``noise`` is tiny by default, as in the reference). Unlike the reference, the per-state best
+point seen is returned, so the final KL is never below the KL at the start.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def gaussian_kl(mean: torch.Tensor, mean_hat: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(μ̂, σ²)) per state (summed over action dimensions)."""
+    return 0.5 * ((mean_hat - mean) / std).pow(2).sum(-1)
+
+
+def max_kl_perturbation(mean_fn: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor,
+                        std: torch.Tensor, eps: float, steps: int = 10,
+                        step_size: float | None = None, random_start: bool = True,
+                        noise: float = 1e-5, generator: torch.Generator | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximately solve max_{‖ŝ−s‖∞≤ε} KL(π(·|s) ‖ π(·|ŝ)) for a batch of states.
+
+    Returns ``(s_hat, kl)``: the perturbed states (detached, inside the ball) and their KL.
+    Gradients of ``mean_fn``'s parameters are not touched (inputs are differentiated with
+    ``torch.autograd.grad``).
+    """
+    obs = obs.detach()
+    alpha = eps / 10 if step_size is None else step_size
+    with torch.no_grad():
+        mean = mean_fn(obs)
+    std = std.detach()
+    if eps == 0 or steps == 0 and not random_start:
+        return obs.clone(), torch.zeros(obs.shape[:-1], device=obs.device)
+    lo, hi = obs - eps, obs + eps
+
+    def rand_like(x):
+        return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+
+    s_hat = (obs + alpha * rand_like(obs).sign()).clamp(lo, hi) if random_start else obs.clone()
+    best = s_hat.clone()
+    best_kl = torch.full(obs.shape[:-1], -1.0, device=obs.device)
+    for _ in range(steps + 1):
+        s_hat.requires_grad_(True)
+        with torch.enable_grad():
+            kl = gaussian_kl(mean, mean_fn(s_hat), std)
+            grad = torch.autograd.grad(kl.sum(), s_hat)[0] if _ < steps else None
+        with torch.no_grad():
+            better = kl > best_kl
+            best[better] = s_hat[better]
+            best_kl = torch.where(better, kl, best_kl)
+            if grad is None:
+                break
+            if noise > 0:
+                grad = grad + (2 * alpha) ** 0.5 * noise * rand_like(grad)
+            s_hat = torch.max(torch.min(s_hat + alpha * grad.sign(), hi), lo)
+    return best.detach(), best_kl.detach()
+
+
+def sa_regularizer(mean_fn: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor,
+                   std: torch.Tensor, eps: float, steps: int, step_size: float | None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """R_SA(θ; B) = mean_s KL(π(·|s) ‖ π(·|ŝ*)) with ŝ* from :func:`max_kl_perturbation`.
+
+    μ(s) is detached (as in the SA-PPO reference); the gradient flows through μ(ŝ*).
+    Returns ``(loss, max_kl_found)``.
+    """
+    s_hat, kl_found = max_kl_perturbation(mean_fn, obs, std, eps, steps, step_size)
+    with torch.no_grad():
+        mean = mean_fn(obs)
+    return gaussian_kl(mean, mean_fn(s_hat), std.detach()).mean(), kl_found.mean()
