@@ -27,6 +27,11 @@ from prunerl.models import ActorPolicy, Critic, GaussianActor
 from prunerl.ppo import gae
 
 
+def weights_fingerprint(module: torch.nn.Module) -> float:
+    """A cheap checksum of a module's parameters (float64 sum of Σ|w| and Σw)."""
+    return float(sum(p.detach().double().abs().sum() + p.detach().double().sum() for p in module.parameters()))
+
+
 class Rollout:
     """The iterable Lightning sees for one epoch: one rollout's minibatches, collected lazily."""
 
@@ -67,7 +72,10 @@ class RolloutDataModule(L.LightningDataModule):
         self.recent_returns: deque[float] = deque(maxlen=return_window)
         self.recent_lengths: deque[int] = deque(maxlen=return_window)
         self.collect_time = 0.0
-        self.collected_at_updates: list[int] = []  # t at each collection (newest-weights check)
+        # (t, fingerprint of the weights the collector's policy held) at each collection: the
+        # evidence that rollouts use the newest weights (tests/test_fit.py checks it)
+        self.collection_log: list[tuple[int, float]] = []
+        self.collector: Collector | None = None
         self._collector_iter = None
         self._pending_rng: torch.Tensor | None = None
         self.policy = TensorDictModule(ActorPolicy(actor), in_keys=["observation"],
@@ -84,6 +92,7 @@ class RolloutDataModule(L.LightningDataModule):
         collector = Collector(self.env, self.policy, frames_per_batch=self.frames_per_batch,
                               total_frames=-1, policy_device=self.device, storing_device=self.device,
                               env_device="cpu", trust_policy=True)
+        self.collector = collector
         return iter(collector)
 
     @torch.no_grad()
@@ -96,7 +105,7 @@ class RolloutDataModule(L.LightningDataModule):
                 torch.set_rng_state(self._pending_rng)
                 self._pending_rng = None
         if self.trainer is not None:
-            self.collected_at_updates.append(self.trainer.global_step)
+            self.collection_log.append((self.trainer.global_step, weights_fingerprint(self.collector.policy)))
         data = next(self._collector_iter)
         nxt = data["next"]
         value = self.critic(data["observation"])

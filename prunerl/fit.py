@@ -109,7 +109,8 @@ def fit(cfg: DictConfig) -> dict:
     if cfg.resume is not None:
         frames0 = torch.load(cfg.resume, map_location="cpu", weights_only=False)[
             "prunerl"]["frames"]
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume)
+    # weights_only=False: our checkpoints hold numpy RNG states and env physics (our own files)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume, weights_only=False)
     wall = time.perf_counter() - t0
     trainer.save_checkpoint(run.checkpoints / "last.ckpt")
 

@@ -87,20 +87,23 @@ class PPOModule(L.LightningModule):
         }
 
     def on_train_epoch_end(self):
+        """Log one row per rollout at step t (Lightning's epoch-end logging would use t − 1)."""
+        row: dict[str, float] = {"train/update": float(self.global_step)}
         dm = self.trainer.datamodule
         if dm is not None:
-            self.log("train/frames", float(dm.frames), on_step=False, on_epoch=True)
-            self.log("train/episode_return", dm.train_return, on_step=False, on_epoch=True)
+            row["train/frames"] = float(dm.frames)
+            row["train/episode_return"] = dm.train_return
             if dm.recent_lengths:
-                self.log("train/episode_length", sum(dm.recent_lengths) / len(dm.recent_lengths),
-                         on_step=False, on_epoch=True)
-        if not self._step_metrics:
-            return
-        means = torch.stack(self._step_metrics).mean(0).tolist()
-        self._step_metrics.clear()
-        prefix = {"loss_objective": "loss/", "loss_critic": "loss/", "loss": "loss/", "entropy": "loss/",
+                row["train/episode_length"] = sum(dm.recent_lengths) / len(dm.recent_lengths)
+        if self._step_metrics:
+            means = torch.stack(self._step_metrics).mean(0).tolist()
+            self._step_metrics.clear()
+            for name, v in zip(self._metric_names, means):
+                row[_METRIC_PREFIX.get(name, "ppo/") + name] = v
+        for logger in self.loggers:
+            logger.log_metrics(row, step=self.global_step)
+        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in row.items()})
+
+
+_METRIC_PREFIX = {"loss_objective": "loss/", "loss_critic": "loss/", "loss": "loss/", "entropy": "loss/",
                   "loss_sa": "sa/", "sa_kl": "sa/", "sa_eps": "sa/"}
-        for name, v in zip(self._metric_names, means):
-            key = prefix.get(name, "ppo/") + name
-            self.log(key, v, on_step=False, on_epoch=True)
-        self.log("train/update", float(self.global_step), on_step=False, on_epoch=True)

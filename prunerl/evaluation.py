@@ -1,0 +1,67 @@
+"""Rolling out a frozen policy for N episodes — the one rollout loop that clean evaluation and
+(later) every attack share. The normaliser is loaded from the checkpoint and frozen: evaluation
+never moves its statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from prunerl.envs import make_env, normalizer_of
+from prunerl.models import ActorPolicy, GaussianActor
+
+Perturbation = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def run_episodes(actor: GaussianActor, normalizer_state: dict, task: str, episodes: int, *,
+                 deterministic: bool = True, seed: int = 12345, num_envs: int | None = None,
+                 perturb: Perturbation | None = None, device: str | torch.device = "cpu") -> dict:
+    """Run ``episodes`` whole episodes with a frozen normaliser; return per-episode figures.
+
+    Envs get fixed quotas (``episodes`` split evenly over ``num_envs``) so that short episodes are
+    not over-represented. ``perturb`` maps normalised observations to the observations the policy
+    sees (an attack); the environment itself is never perturbed.
+    """
+    if episodes <= 0:
+        raise ValueError(f"episodes={episodes} must be a positive integer")
+    n = min(episodes, 16) if num_envs is None else num_envs
+    env = make_env(task, n, seed)
+    norm = normalizer_of(env)
+    # the per-env running return (reward scaling) belongs to the training envs, not to these
+    norm.load_state_dict({k: v for k, v in normalizer_state.items() if k != "running_return"}, strict=False)
+    norm.freeze()
+    policy = ActorPolicy(actor, deterministic=deterministic)
+    quota = np.array([episodes // n + (i < episodes % n) for i in range(n)])
+    finished = np.zeros(n, dtype=int)
+    returns, lengths, perturbation = [], [], []
+    td = env.reset()
+    while (finished < quota).any():
+        obs = td["observation"].to(device)
+        seen = obs if perturb is None else perturb(obs)
+        if perturb is not None:
+            perturbation.append((seen - obs).abs().amax(-1).mean().item())
+        action, _ = policy(seen)
+        td["action"] = action.cpu()
+        td, td_next = env.step_and_maybe_reset(td)
+        nxt = td["next"]
+        for i in nxt["done"].squeeze(-1).nonzero().flatten().tolist():
+            if finished[i] < quota[i]:
+                returns.append(float(nxt["episode_return"][i, 0]))
+                lengths.append(int(nxt["episode_length"][i, 0]))
+                finished[i] += 1
+        td = td_next
+    env.close()
+    return {
+        "episodes": len(returns),
+        "mean_return": float(np.mean(returns)),
+        "std_return": float(np.std(returns)),
+        "mean_length": float(np.mean(lengths)),
+        "returns": returns,
+        "lengths": lengths,
+        "deterministic": deterministic,
+        "mean_perturbation_linf": float(np.mean(perturbation)) if perturbation else 0.0,
+    }
