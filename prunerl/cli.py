@@ -45,7 +45,10 @@ def _run(command: str, cfg: DictConfig):
         if command == "fit":
             from prunerl.fit import fit
 
-            return fit(cfg)
+            summary = fit(cfg)
+            print(f"done: {summary['frames']} frames in {summary['wall_time_s']:.0f}s ({summary['sps']:.0f} SPS), "
+                  f"train return {summary['train_return']:.1f}  ->  {cfg.run_dir}")
+            return summary
         from prunerl.evaluate import evaluate
 
         return evaluate(cfg)

@@ -6,9 +6,11 @@ thin, tests call ``fit`` on a composed config).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -59,6 +61,9 @@ def fit(cfg: DictConfig) -> dict:
         raise ConfigError(f"hydra.run.dir={run.path} already holds a run ({', '.join(run.existing_run())}); "
                           "choose a new directory (resume=PATH writes its continuation to a new one)")
     device = resolve_device(cfg.device)
+    # Lightning's start-up chatter (accelerator lines, tips) drowns the progress bar.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     torch.set_num_threads(cfg.torch_threads)
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     _use_wandb_offline_without_key(cfg)
@@ -112,7 +117,7 @@ def fit(cfg: DictConfig) -> dict:
     # weights_only=False: our checkpoints hold numpy RNG states and env physics (our own files)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume, weights_only=False)
     wall = time.perf_counter() - t0
-    trainer.save_checkpoint(run.checkpoints / "last.ckpt")
+    trainer.save_checkpoint(run.checkpoints / "last.ckpt", weights_only=False)
 
     summary = {
         "frames": dm.frames,

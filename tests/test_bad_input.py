@@ -1,0 +1,103 @@
+"""Every bad input fails before training with one clear message; nothing already written is lost."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunerl.config import ConfigError
+from prunerl.fit import fit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "prunerl", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algo.kappa=-0.1"], "algo.kappa=-0.1 is negative"),
+        (["env.eps=-0.2"], "env.eps=-0.2 is negative"),
+        (["algo.sa.eps=-1"], "algo.sa.eps=-1 is negative"),
+        (["algo.frames_per_batch=1020"], "algo.frames_per_batch=1020 is not divisible by env.num_envs=8"),
+        (["algo.minibatches=7"], "algo.frames_per_batch=1024 is not divisible by algo.minibatches=7"),
+        (["total_frames=0"], "total_frames=0 must be a positive integer"),
+        (["device=tpu"], "device='tpu' is not allowed; allowed: ['auto', 'cpu', 'cuda']"),
+        (["algo.model.activation=gelu"], "algo.model.activation='gelu' is not allowed"),
+        (["resume=/no/such/file.ckpt"], "resume=/no/such/file.ckpt does not exist"),
+    ],
+)
+def test_bad_config_values_fail_before_anything_is_written(small_cfg, tmp_path, overrides, message):
+    cfg = small_cfg(*overrides)
+    with pytest.raises(ConfigError) as e:
+        fit(cfg)
+    assert message in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error(small_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="device=cuda was asked for, but CUDA is not available"):
+        fit(small_cfg("device=cuda"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_checkpoint_for_resume(small_cfg, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="is not a readable checkpoint"):
+        fit(small_cfg(f"resume={bad}"))
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(ConfigError, match="is not a PruneRL checkpoint"):
+        fit(small_cfg(f"resume={other}"))
+
+
+def test_existing_run_directory_is_not_overwritten(small_cfg, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text('{"precious": true}')
+    (run / "config.yaml").write_text("precious: true\n")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        fit(small_cfg())
+    assert (run / "summary.json").read_text() == '{"precious": true}'
+    assert (run / "config.yaml").read_text() == "precious: true\n"
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "summary.json"]
+
+
+def test_cli_unknown_group_option_names_it_and_lists_the_allowed(tmp_path):
+    r = cli("fit", "env=pong", f"hydra.run.dir={tmp_path / 'x'}")
+    assert r.returncode != 0
+    assert "env/pong" in r.stderr and "hopper" in r.stderr and "walker2d" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_bad_value_is_one_line_and_exit_2(tmp_path):
+    r = cli("fit", "algo.kappa=-1", f"hydra.run.dir={tmp_path / 'x'}")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: algo.kappa=-1 is negative; κ must be >= 0 (0 turns SA off)")
+    assert "Traceback" not in r.stderr
+    assert not any((tmp_path / "x").iterdir()) if (tmp_path / "x").exists() else True
+
+
+def test_cli_evaluate_missing_and_corrupt_checkpoint(tmp_path):
+    r = cli("evaluate", f"checkpoint={tmp_path / 'nope.ckpt'}")
+    assert r.returncode == 2 and f"checkpoint={tmp_path / 'nope.ckpt'} does not exist" in r.stderr
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("garbage")
+    r = cli("evaluate", f"checkpoint={bad}")
+    assert r.returncode == 2 and "is not a readable checkpoint" in r.stderr
+    assert bad.read_text() == "garbage" and sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt"]
+    r = cli("evaluate")
+    assert r.returncode == 2 and "checkpoint=PATH is required" in r.stderr
+
+
+def test_cli_unknown_command():
+    r = cli("train")
+    assert r.returncode == 2 and "unknown command 'train'" in r.stderr and "fit" in r.stderr

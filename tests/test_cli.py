@@ -1,0 +1,65 @@
+"""The command line as a user runs it: help, fit, multirun, evaluate, loggers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prunerl.fit import fit
+from tests.conftest import SMALL
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "prunerl", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_help_lists_commands_and_groups():
+    r = cli("--help")
+    assert r.returncode == 0
+    for word in ("fit", "evaluate", "env", "algo", "logger", "trainer", "callbacks", "experiment",
+                 "inverted_pendulum", "wandb"):
+        assert word in r.stdout
+
+
+def test_fit_then_evaluate_round_trip(tmp_path):
+    run = tmp_path / "run"
+    r = cli("fit", *SMALL, f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr
+    assert "done: 2048 frames" in r.stdout
+    ckpt = run / "checkpoints" / "last.ckpt"
+    r = cli("evaluate", f"checkpoint={ckpt}", "episodes=4", "deterministic=false")
+    assert r.returncode == 0, r.stderr
+    out = json.loads((run / "checkpoints" / "last.eval.json").read_text())
+    assert out["env"] == "inverted_pendulum" and out["frames_trained"] == 2048
+    assert out["clean"]["episodes"] == 4 and len(out["clean"]["returns"]) == 4
+    assert out["clean"]["deterministic"] is False
+    assert "clean return" in r.stdout
+
+
+def test_multirun_sweeps_into_separate_run_dirs(tmp_path):
+    r = cli("fit", "-m", *SMALL, "total_frames=1024", "seed=0,1", f"hydra.sweep.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(runs) == 2
+    seeds = sorted(json.loads((p / "summary.json").read_text())["seed"] for p in runs)
+    assert seeds == [0, 1]
+
+
+@pytest.mark.parametrize("logger, produced", [("csv", "csv/metrics.csv"), ("tensorboard", "tensorboard"),
+                                              ("wandb", "wandb")])
+def test_loggers_write_into_the_run_dir(small_cfg, tmp_path, monkeypatch, logger, produced):
+    # no key and no WANDB_MODE: fit must choose offline mode by itself
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    fit(small_cfg(f"logger={logger}", "total_frames=1024"))
+    assert (tmp_path / "run" / produced).exists()
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+    if logger == "wandb":
+        assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
