@@ -18,11 +18,13 @@ from collections import deque
 import lightning as L
 import numpy as np
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule
 from torchrl.collectors import Collector
 
-from prunerl.envs import make_env, normalizer_of
+from torchrl.envs import TransformedEnv
+
+from prunerl.envs import normalizer_of
 from prunerl.models import ActorPolicy, Critic, GaussianActor
 from prunerl.ppo import gae
 
@@ -44,27 +46,35 @@ class Rollout:
     def __iter__(self):
         dm = self.dm
         batch = dm.collect()
-        n = batch.shape[0]
+        n, mb = batch.shape[0], dm.minibatch_size
+        keys = list(batch.keys())
         for _ in range(dm.epochs):
             perm = torch.randperm(n, generator=dm.generator).to(batch.device)
-            for idx in perm.split(dm.minibatch_size):
-                yield batch[idx]
+            # Shuffle each leaf once per epoch, then hand out contiguous views: the same
+            # minibatches as ``batch[idx] for idx in perm.split(mb)``, without a TensorDict
+            # index per update (~0.1 ms each, a tenth of a 64x64 update).
+            shuffled = {k: batch.get(k)[perm] for k in keys}
+            for start in range(0, n, mb):
+                size = min(mb, n - start)
+                yield TensorDict._new_unsafe({k: v[start:start + size] for k, v in shuffled.items()},
+                                             batch_size=torch.Size([size]), device=batch.device)
 
 
 class RolloutDataModule(L.LightningDataModule):
-    def __init__(self, task: str, actor: GaussianActor, critic: Critic, *, num_envs: int,
+    """``env`` is a batched TorchRL env whose transform holds a :class:`RunningNormalizer` and
+    whose base env has ``state()`` / ``load_state()`` (see :func:`prunerl.envs.make_env`)."""
+
+    def __init__(self, env: TransformedEnv, actor: GaussianActor, critic: Critic, *,
                  frames_per_batch: int, epochs: int, minibatches: int, gamma: float, lmbda: float,
-                 seed: int, device: torch.device, clip_obs: float = 10.0, scale_reward: bool = True,
-                 return_window: int = 20):
+                 seed: int, device: torch.device, return_window: int = 20):
         super().__init__()
-        self.task = task
         self.actor, self.critic = actor, critic
-        self.num_envs, self.frames_per_batch = num_envs, frames_per_batch
+        self.num_envs, self.frames_per_batch = env.batch_size[0], frames_per_batch
         self.epochs, self.minibatches = epochs, minibatches
         self.minibatch_size = frames_per_batch // minibatches
         self.gamma, self.lmbda = gamma, lmbda
         self.device = torch.device(device)
-        self.env = make_env(task, num_envs, seed, gamma=gamma, clip_obs=clip_obs, scale_reward=scale_reward)
+        self.env = env
         self.normalizer = normalizer_of(self.env)
         self.generator = torch.Generator().manual_seed(seed)
         self.frames = 0
@@ -72,6 +82,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.recent_returns: deque[float] = deque(maxlen=return_window)
         self.recent_lengths: deque[int] = deque(maxlen=return_window)
         self.collect_time = 0.0
+        self.last_rollout: TensorDictBase | None = None  # the newest rollout (flat), for callbacks
         # (t, fingerprint of the weights the collector's policy held) at each collection: the
         # evidence that rollouts use the newest weights (tests/test_fit.py checks it)
         self.collection_log: list[tuple[int, float]] = []
@@ -85,13 +96,17 @@ class RolloutDataModule(L.LightningDataModule):
     def updates_per_rollout(self) -> int:
         return self.epochs * self.minibatches
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # the rollout is stored on the learner's device already
+
     def train_dataloader(self):
         return Rollout(self)
 
     def _make_collector(self):
         collector = Collector(self.env, self.policy, frames_per_batch=self.frames_per_batch,
                               total_frames=-1, policy_device=self.device, storing_device=self.device,
-                              env_device="cpu", trust_policy=True)
+                              env_device="cpu", trust_policy=True,
+                              auto_register_policy_transforms=False)
         self.collector = collector
         return iter(collector)
 
@@ -124,6 +139,7 @@ class RolloutDataModule(L.LightningDataModule):
         flat.set("advantage", adv.reshape(-1))
         flat.set("value_target", target.reshape(-1))
         self.collect_time += time.perf_counter() - t0
+        self.last_rollout = flat
         return flat
 
     @property
@@ -133,7 +149,7 @@ class RolloutDataModule(L.LightningDataModule):
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "task": self.task,
+            "task": self.env.base_env.env_id,
             "frames": self.frames,
             "episodes": self.episodes,
             "recent_returns": list(self.recent_returns),

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunerl.config import ConfigError, resolve_device, validate_fit
 from prunerl.data import RolloutDataModule
-from prunerl.envs import TASKS
+from prunerl.envs import TASKS, make_env
 from prunerl.models import Critic, GaussianActor
 from prunerl.module import PPOModule
 from prunerl.rundir import MetricsLogger, RunDir
@@ -32,6 +32,12 @@ def build_models(cfg: DictConfig, obs_dim: int, act_dim: int) -> tuple[GaussianA
     actor = GaussianActor(obs_dim, act_dim, tuple(m.hidden), m.activation, m.sigma, m.learn_std)
     critic = Critic(obs_dim, tuple(m.hidden), m.activation)
     return actor, critic
+
+
+def build_env(cfg: DictConfig):
+    """The training env for ``cfg``: the batched MuJoCo task with its normaliser."""
+    return make_env(cfg.env.name, cfg.env.num_envs, cfg.seed, gamma=cfg.algo.gamma,
+                    clip_obs=cfg.env.clip_obs, scale_reward=cfg.env.scale_reward)
 
 
 def task_eps(cfg: DictConfig) -> float:
@@ -79,9 +85,9 @@ def fit(cfg: DictConfig) -> dict:
 
     # Create the collector's datamodule and the PPO+SA module
     dm = RolloutDataModule(
-        cfg.env.name, actor, critic, num_envs=cfg.env.num_envs, frames_per_batch=algo.frames_per_batch,
-        epochs=algo.epochs, minibatches=algo.minibatches, gamma=algo.gamma, lmbda=algo.gae_lambda,
-        seed=cfg.seed, device=device, clip_obs=cfg.env.clip_obs, scale_reward=cfg.env.scale_reward,
+        build_env(cfg), actor, critic, frames_per_batch=algo.frames_per_batch, epochs=algo.epochs,
+        minibatches=algo.minibatches, gamma=algo.gamma, lmbda=algo.gae_lambda, seed=cfg.seed,
+        device=device,
     )
     n_rollouts = math.ceil(cfg.total_frames / algo.frames_per_batch)
     module = PPOModule(
