@@ -20,6 +20,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMMANDS = {
     "fit": ("config", "train PPO(+SA) on a MuJoCo task (Hydra overrides: env=, algo.kappa=, total_frames=, ...)"),
     "evaluate": ("evaluate", "evaluate a checkpoint: checkpoint=PATH [episodes=N] [deterministic=true|false]"),
+    "report": ("report", "sweet-spot tables and figures from a folder of runs: runs=DIR [out=DIR]"),
 }
 
 GROUPS_HELP = """config groups (choose with GROUP=OPTION):
@@ -49,12 +50,30 @@ def _run(command: str, cfg: DictConfig):
             print(f"done: {summary['frames']} frames in {summary['wall_time_s']:.0f}s ({summary['sps']:.0f} SPS), "
                   f"train return {summary['train_return']:.1f}  ->  {cfg.run_dir}")
             return summary
+        if command == "report":
+            return _report(cfg)
         from prunerl.evaluate import evaluate
 
         return evaluate(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _report(cfg: DictConfig) -> dict:
+    from prunerl.report import report
+
+    if cfg.runs is None:
+        raise ConfigError("runs=DIR is required (a folder of run directories, e.g. a multirun folder)")
+    runs = Path(str(cfg.runs))
+    if not runs.is_dir():
+        raise ConfigError(f"runs={cfg.runs} is not a directory")
+    out = Path(str(cfg.out)) if cfg.out is not None else runs / "report"
+    result = report(runs, out)
+    print(f"{result['runs']} runs -> {out / 'summary.md'} ({len(result['figures'])} figures)")
+    for path, why in result["problems"]:
+        print(f"  problem: {path}: {why}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
