@@ -38,7 +38,9 @@ class PPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = list(self.actor.parameters()) + list(self.critic.parameters())
-        return torch.optim.Adam(params, lr=self.lr, eps=self.adam_eps)
+        # fused: one kernel for all parameters instead of ~10 ops per tensor — the same Adam
+        # update (to rounding), ~0.15 ms less per update with 64x64 nets on a CPU core.
+        return torch.optim.Adam(params, lr=self.lr, eps=self.adam_eps, fused=_fused_adam_ok(params))
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # the rollout is stored on the learner's device already
@@ -56,13 +58,18 @@ class PPOModule(L.LightningModule):
         value = self.critic(obs)
         terms = ppo_loss_terms(logp, batch["sample_log_prob"], batch["advantage"], value,
                                batch["value_target"], self.clip, self.normalize_advantage)
-        entropy = self.actor.entropy()
-        loss = terms["loss_objective"] + self.vf_coef * terms["loss_critic"] - self.ent_coef * entropy
+        loss = terms["loss_objective"] + self.vf_coef * terms["loss_critic"]
+        if self.ent_coef != 0:
+            entropy = self.actor.entropy()
+            loss = loss - self.ent_coef * entropy
+        else:  # same loss; keeps three nodes out of the backward graph
+            with torch.no_grad():
+                entropy = self.actor.entropy()
         metrics = {**terms, "entropy": entropy.detach()}
         if self.kappa > 0:  # κ = 0 skips the inner maximisation entirely
             eps_t = self.sa_eps(self.global_step)
             reg, kl_found = sa_regularizer(self.actor, obs, self.actor.std, eps_t, self.sa_steps,
-                                           eps_t * self.sa_step_ratio)
+                                           eps_t * self.sa_step_ratio, mean=mean)
             loss = loss + self.kappa * reg
             metrics.update(loss_sa=reg.detach(), sa_kl=kl_found, sa_eps=torch.tensor(eps_t))
         metrics["loss"] = loss.detach()
@@ -70,7 +77,10 @@ class PPOModule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        # What ``self.clip_gradients(opt, max_grad_norm, "norm")`` does for 32-bit training, with
+        # foreach kernels (Lightning's call takes the per-tensor path on CPU: ~0.1 ms more).
+        params = [p for g in opt.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
         opt.step()
 
         # Accumulate cheaply; logged once per rollout (self.log per step costs more than a step).
@@ -107,3 +117,9 @@ class PPOModule(L.LightningModule):
 
 _METRIC_PREFIX = {"loss_objective": "loss/", "loss_critic": "loss/", "loss": "loss/", "entropy": "loss/",
                   "loss_sa": "sa/", "sa_kl": "sa/", "sa_eps": "sa/"}
+
+
+def _fused_adam_ok(params: list[torch.Tensor]) -> bool | None:
+    """Fused Adam where torch supports it for these parameters (CPU and CUDA floats), else default."""
+    ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok and params else None

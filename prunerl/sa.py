@@ -26,17 +26,20 @@ def max_kl_perturbation(mean_fn: Callable[[torch.Tensor], torch.Tensor], obs: to
                         std: torch.Tensor, eps: float, steps: int = 10,
                         step_size: float | None = None, random_start: bool = True,
                         noise: float = 1e-5, generator: torch.Generator | None = None,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximately solve max_{‖ŝ−s‖∞≤ε} KL(π(·|s) ‖ π(·|ŝ)) for a batch of states.
 
     Returns ``(s_hat, kl)``: the perturbed states (detached, inside the ball) and their KL.
     Gradients of ``mean_fn``'s parameters are not touched (inputs are differentiated with
-    ``torch.autograd.grad``).
+    ``torch.autograd.grad``). ``mean``, when given, is μ(s) already computed by the caller
+    (it is detached here), saving one forward pass.
     """
     obs = obs.detach()
     alpha = eps / 10 if step_size is None else step_size
-    with torch.no_grad():
-        mean = mean_fn(obs)
+    if mean is None:
+        with torch.no_grad():
+            mean = mean_fn(obs)
+    mean = mean.detach()
     std = std.detach()
     if eps == 0 or steps == 0 and not random_start:
         return obs.clone(), torch.zeros(obs.shape[:-1], device=obs.device)
@@ -54,26 +57,30 @@ def max_kl_perturbation(mean_fn: Callable[[torch.Tensor], torch.Tensor], obs: to
             kl = gaussian_kl(mean, mean_fn(s_hat), std)
             grad = torch.autograd.grad(kl.sum(), s_hat)[0] if _ < steps else None
         with torch.no_grad():
+            # torch.where rather than boolean-mask assignment: same result, no nonzero()/index_put
             better = kl > best_kl
-            best[better] = s_hat[better]
+            best = torch.where(better.unsqueeze(-1), s_hat, best)
             best_kl = torch.where(better, kl, best_kl)
             if grad is None:
                 break
             if noise > 0:
                 grad = grad + (2 * alpha) ** 0.5 * noise * rand_like(grad)
-            s_hat = torch.max(torch.min(s_hat + alpha * grad.sign(), hi), lo)
+            s_hat = (s_hat + alpha * grad.sign()).clamp(lo, hi)
     return best.detach(), best_kl.detach()
 
 
 def sa_regularizer(mean_fn: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor,
                    std: torch.Tensor, eps: float, steps: int, step_size: float | None,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """R_SA(θ; B) = mean_s KL(π(·|s) ‖ π(·|ŝ*)) with ŝ* from :func:`max_kl_perturbation`.
 
     μ(s) is detached (as in the SA-PPO reference); the gradient flows through μ(ŝ*).
+    ``mean``, when given, is μ(s) as the caller computed it (detached here).
     Returns ``(loss, max_kl_found)``.
     """
-    s_hat, kl_found = max_kl_perturbation(mean_fn, obs, std, eps, steps, step_size)
-    with torch.no_grad():
-        mean = mean_fn(obs)
+    if mean is None:
+        with torch.no_grad():
+            mean = mean_fn(obs)
+    mean = mean.detach()
+    s_hat, kl_found = max_kl_perturbation(mean_fn, obs, std, eps, steps, step_size, mean=mean)
     return gaussian_kl(mean, mean_fn(s_hat), std.detach()).mean(), kl_found.mean()
