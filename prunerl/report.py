@@ -90,7 +90,7 @@ def read_runs(root: str | Path) -> RunSet:
         except (OSError, json.JSONDecodeError) as e:
             out.problems.append((str(run_dir), f"summary.json is unreadable ({e})"))
             continue
-        method = s.get("pruning_method") or _get(cfg, "pruning", "name", default=UNPRUNED)
+        method = s.get("pruning_method") or _get(cfg, "pruning", "criterion", default=UNPRUNED)
         sparsity = float(s.get("final_sparsity") or _get(cfg, "pruning", "final_sparsity", default=0.0) or 0.0)
         if method == UNPRUNED:
             sparsity = 0.0

@@ -13,7 +13,7 @@ def write_run(root, name, *, method, sparsity, seed, clean, attacks, kappa=0.3, 
     d = root / name
     d.mkdir(parents=True)
     cfg = {"env": {"name": "hopper"}, "algo": {"kappa": kappa}, "seed": seed,
-           "pruning": {"name": method, "final_sparsity": sparsity, "interval": interval}}
+           "pruning": {"criterion": method, "final_sparsity": sparsity, "interval": interval}}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     if summary:
         (d / "summary.json").write_text(json.dumps({
