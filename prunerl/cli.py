@@ -26,10 +26,15 @@ COMMANDS = {
 GROUPS_HELP = """config groups (choose with GROUP=OPTION):
   env         hopper (default) | walker2d | halfcheetah | ant | inverted_pendulum
   algo        ppo (PPO + SA regulariser; algo.kappa=0 turns SA off)
+  pruning     magnitude (default) | none | random | magnitude_ste | saliency
+              (pruning.final_sparsity, pruning.burn_in, pruning.interval, pruning.allocation, pruning.scope)
+  evaluation  default (evaluation.attacks=[random,critic,mad,rs,optimal], evaluation.episodes=N)
   logger      csv (default) | none | tensorboard | wandb   (W&B runs offline without a key)
   trainer     default (lightning.Trainer arguments)
   callbacks   default (named _target_ mappings; callbacks.NAME=null drops one)
-  experiment  paper_hopper (the paper's 50M-frame GPU run)
+  experiment  paper_hopper (the paper's 50M-frame GPU run), adversary (train an optimal attacker)
+  sweep       baseline | methods | interval (multirun presets: python -m prunerl fit -m sweep=methods)
+  hydra/launcher  local (joblib, parallel) | slurm (submitit)
 
 common keys: total_frames=N seed=S device=auto|cpu|cuda resume=PATH hydra.run.dir=DIR, -m for multirun
 show a composed config: python -m prunerl fit --cfg job"""
