@@ -77,6 +77,8 @@ def validate_fit(cfg: DictConfig) -> None:
         raise ConfigError(f"algo.model.sigma={algo.model.sigma} must be > 0")
     if cfg.checkpoint.every_n_rollouts is not None:
         _positive_int("checkpoint.every_n_rollouts", cfg.checkpoint.every_n_rollouts)
+    if cfg.get("pruning") is not None:
+        validate_pruning_cfg(cfg.pruning)
     resolve_device(cfg.device)
     if cfg.resume is not None:
         ckpt = load_checkpoint(cfg.resume, key="resume")
@@ -84,6 +86,29 @@ def validate_fit(cfg: DictConfig) -> None:
         if task != env.name:
             raise ConfigError(f"resume={cfg.resume} is a checkpoint of env={task}, "
                               f"but this run is env={env.name}")
+
+
+def validate_pruning_cfg(p: DictConfig) -> None:
+    """The ``pruning`` group: criterion, scope, allocation, final sparsity, burn-in, end, interval."""
+    from prunerl.pruning import ALLOCATIONS, CRITERIA, SCOPES
+
+    if p.criterion not in CRITERIA:
+        raise ConfigError(f"pruning.criterion={p.criterion!r} is not allowed; allowed: {list(CRITERIA)}")
+    if p.scope not in SCOPES:
+        raise ConfigError(f"pruning.scope={p.scope!r} is not allowed; allowed: {list(SCOPES)}")
+    if p.allocation not in ALLOCATIONS:
+        raise ConfigError(f"pruning.allocation={p.allocation!r} is not allowed; allowed: {list(ALLOCATIONS)}")
+    for name in ("final_sparsity", "burn_in", "end"):
+        if isinstance(p[name], bool) or not isinstance(p[name], (int, float)):
+            raise ConfigError(f"pruning.{name}={p[name]!r} must be a number")
+    if not 0 <= p.final_sparsity < 1:
+        raise ConfigError(f"pruning.final_sparsity={p.final_sparsity} is outside [0, 1)")
+    if not 0 <= p.burn_in < 1:
+        raise ConfigError(f"pruning.burn_in={p.burn_in} is outside [0, 1)")
+    if not p.burn_in < p.end <= 1:
+        raise ConfigError(f"pruning.end={p.end} is outside (pruning.burn_in={p.burn_in}, 1]")
+    if isinstance(p.interval, bool) or not isinstance(p.interval, int) or p.interval < 0:
+        raise ConfigError(f"pruning.interval={p.interval!r} must be an integer >= 0 (0: one-shot)")
 
 
 def load_checkpoint(path, key: str = "checkpoint") -> dict:

@@ -34,6 +34,9 @@ class PPOModule(L.LightningModule):
         self.kappa, self.eps = kappa, eps
         self.sa_steps, self.sa_step_ratio, self.eps_ramp = sa_steps, sa_step_ratio, eps_ramp
         self._step_metrics: list[torch.Tensor] = []
+        # figures callbacks (pruning, Lipschitz) add to this rollout's metrics row; merged and
+        # cleared in on_train_epoch_end (callbacks' epoch-end hooks run before the module's)
+        self.rollout_metrics: dict[str, float] = {}
         self._metric_names: list[str] = []
 
     def configure_optimizers(self):
@@ -110,6 +113,8 @@ class PPOModule(L.LightningModule):
             self._step_metrics.clear()
             for name, v in zip(self._metric_names, means):
                 row[_METRIC_PREFIX.get(name, "ppo/") + name] = v
+        row.update(self.rollout_metrics)
+        self.rollout_metrics.clear()
         for logger in self.loggers:
             logger.log_metrics(row, step=self.global_step)
         self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in row.items()})

@@ -1,0 +1,1 @@
+"""Benchmarks against Stable-Baselines3 (see README.md in this folder)."""
