@@ -1,0 +1,179 @@
+"""Pruning maths (Sec. 4.4, Alg. 1 lines 9–11): the cubic schedule, ERK allocation, criteria scores
+and mask computation. No Lightning, no Hydra: ``callbacks/pruning.py`` drives these from the
+training loop, the tests call them directly.
+
+Masks are boolean tensors (True = kept) over the weight matrices of ``nn.Linear`` layers only;
+biases are never pruned. Pruning is elementwise, so Thm. 1 applies: zeroing entries can only
+lower every layer's surrogate norm (``prunerl.lipschitz.lipschitz_surrogate``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+CRITERIA = ("none", "random", "magnitude", "magnitude_ste", "saliency")
+ALLOCATIONS = ("global", "layer", "erk")
+SCOPES = ("actor", "critic", "both")
+
+
+def cubic_sparsity(t: int, t_start: int, t_end: int, final: float, initial: float = 0.0) -> float:
+    """Zhu & Gupta (2017): s_t = s_f + (s_i − s_f)(1 − (t − t_start)/(t_end − t_start))³ on
+    [t_start, t_end]; s_i before, s_f after."""
+    if t <= t_start:
+        return initial
+    if t >= t_end:
+        return final
+    frac = (t - t_start) / (t_end - t_start)
+    return final + (initial - final) * (1.0 - frac) ** 3
+
+
+def schedule_bounds(total_updates: int, burn_in: float, end: float) -> tuple[int, int]:
+    """(t_start, t_end) in updates: pruning starts once t/T > β (Alg. 1 line 9) and the cubic ramp
+    reaches its final sparsity at t_end = ⌈end·T⌉ (at least one update after t_start)."""
+    t_start = math.floor(burn_in * total_updates)
+    t_end = max(t_start + 1, math.ceil(end * total_updates))
+    return t_start, t_end
+
+
+def is_mask_update(t: int, t_start: int, t_end: int, interval: int) -> bool:
+    """Mask updates: every ``interval`` updates after t_start up to t_end, and at t_end itself
+    (micro-pruning); ``interval == 0`` is one-shot: a single update at t_start + 1."""
+    if interval == 0:
+        return t == t_start + 1
+    return t_start < t <= t_end and ((t - t_start) % interval == 0 or t == t_end)
+
+
+def scheduled_sparsity(t: int, t_start: int, t_end: int, final: float, interval: int) -> float:
+    """The target sparsity the mask update at t prunes to (one-shot jumps straight to ``final``)."""
+    return final if interval == 0 else cubic_sparsity(t, t_start, t_end, final)
+
+
+def erk_densities(shapes: list[tuple[int, int]], density: float) -> list[float]:
+    """Erdős–Rényi(-Kernel) allocation (Evci et al. 2020, RigL) for Linear weights (out, in):
+    density_ℓ ∝ (n_in + n_out)/(n_in·n_out), scaled so that Σ density_ℓ·N_ℓ = density·Σ N_ℓ;
+    a layer that would exceed density 1 is kept dense and the rest are rescaled."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density={density} is outside [0, 1]")
+    sizes = [o * i for o, i in shapes]
+    raw = [(o + i) / (o * i) for o, i in shapes]
+    dense: set[int] = set()
+    while True:
+        budget = density * sum(sizes) - sum(sizes[j] for j in dense)
+        denom = sum(raw[j] * sizes[j] for j in range(len(shapes)) if j not in dense)
+        if denom == 0:
+            return [1.0] * len(shapes)
+        scale = budget / denom
+        over = [j for j in range(len(shapes)) if j not in dense and raw[j] * scale > 1.0]
+        if not over:
+            return [1.0 if j in dense else raw[j] * scale for j in range(len(shapes))]
+        dense.add(max(over, key=lambda j: raw[j]))  # the densest first, as RigL does
+
+
+def _apportion(total: int, shares: list[float], caps: list[int]) -> list[int]:
+    """Integers ≤ caps summing to ``total`` (≤ Σ caps), proportional to ``shares`` (largest remainder)."""
+    exact = [min(s, c) for s, c in zip(shares, caps)]
+    counts = [math.floor(x) for x in exact]
+    order = sorted(range(len(shares)), key=lambda j: exact[j] - counts[j], reverse=True)
+    short = total - sum(counts)
+    for j in order * 2:
+        if short <= 0:
+            break
+        if counts[j] < caps[j]:
+            counts[j] += 1
+            short -= 1
+    return counts
+
+
+def layer_prune_counts(shapes: list[tuple[int, int]], sparsity: float, allocation: str) -> list[int]:
+    """How many weights each layer loses at ``sparsity`` under ``layer`` or ``erk`` allocation.
+    The counts add up to round(sparsity · Σ N_ℓ) exactly."""
+    sizes = [o * i for o, i in shapes]
+    total = round(sparsity * sum(sizes))
+    if allocation == "layer":
+        shares = [sparsity * n for n in sizes]
+    elif allocation == "erk":
+        shares = [(1.0 - d) * n for d, n in zip(erk_densities(shapes, 1.0 - sparsity), sizes)]
+    else:
+        raise ValueError(f"allocation={allocation!r} has no per-layer counts; allowed: ['erk', 'layer']")
+    return _apportion(total, shares, sizes)
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly the k lowest scores; ties at the threshold go to the earliest
+    positions, so the result is deterministic. (kthvalue: ~8× cheaper than a full argsort.)"""
+    flat = scores.flatten()
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    v = torch.kthvalue(flat, k).values
+    out = flat < v
+    need = k - int(out.sum())
+    if need > 0:
+        out[torch.nonzero(flat == v).flatten()[:need]] = True
+    return out.view_as(scores)
+
+
+def compute_masks(scores: dict[str, torch.Tensor], sparsity: float, allocation: str,
+                  previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Keep-masks pruning the lowest-scoring weights to ``sparsity`` of the layers in ``scores``.
+
+    ``allocation``: ``global`` ranks all the layers' scores together; ``layer`` prunes each layer
+    to ``sparsity``; ``erk`` prunes each layer to its ERK share. With ``previous`` masks, pruned
+    weights stay pruned (their scores count as −∞ and no layer prunes fewer than before), so
+    successive masks only ever remove weights — elementwise pruning, as Thm. 1 assumes. Without
+    ``previous`` (magnitude-STE) a weight may come back.
+    """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation={allocation!r} is not allowed; allowed: {list(ALLOCATIONS)}")
+    names = list(scores)
+    s = {}
+    for n in names:
+        sc = scores[n].detach().float()
+        if previous is not None:
+            sc = sc.masked_fill(~previous[n], -math.inf)
+        s[n] = sc
+    if allocation == "global":
+        flat = torch.cat([s[n].flatten() for n in names])
+        k = round(sparsity * flat.numel())
+        if previous is not None:
+            k = max(k, sum(int((~previous[n]).sum()) for n in names))
+        pruned = _lowest(flat, k)
+        out, i = {}, 0
+        for n in names:
+            m = s[n].numel()
+            out[n] = ~pruned[i:i + m].view_as(s[n])
+            i += m
+        return out
+    counts = layer_prune_counts([tuple(s[n].shape) for n in names], sparsity, allocation)
+    out = {}
+    for n, k in zip(names, counts):
+        if previous is not None:
+            k = max(k, int((~previous[n]).sum()))
+        out[n] = ~_lowest(s[n], k)
+    return out
+
+
+def magnitude_scores(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """|w| (magnitude and magnitude-STE)."""
+    return {n: w.detach().abs() for n, w in weights.items()}
+
+
+def saliency_scores(weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """First-order Taylor score |w · ∂L/∂w| (the loss change if w were removed, to first order)."""
+    return {n: (w.detach() * grads[n]).abs() for n, w in weights.items()}
+
+
+def random_scores(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Tensor]:
+    """Fixed uniform scores from a private generator (the global torch RNG samples actions and
+    is checkpointed for exact resume — pruning must not consume it)."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(shape, generator=g) for n, shape in shapes.items()}
+
+
+def sparsity_of(masks: dict[str, torch.Tensor]) -> float:
+    """Fraction of pruned entries over all the masks together."""
+    total = sum(m.numel() for m in masks.values())
+    return sum(int((~m).sum()) for m in masks.values()) / total if total else 0.0
