@@ -27,9 +27,9 @@ NETWORKS = {"actor": "actor.mean_net", "critic": "critic.value_net"}
 
 
 class LipschitzCallback(L.Callback):
-    def __init__(self, eps: float, gamma: float, r_max: float, every_n_updates: int = 128,
-                 states: int = 256, path_states: int = 64, quadrature_points: int = 3,
-                 full_every_n_mask_updates: int = 10):
+    def __init__(self, eps: float, gamma: float, r_max: float, every_n_updates: int = 256,
+                 states: int = 128, path_states: int = 32, quadrature_points: int = 2,
+                 full_every_n_mask_updates: int = 16):
         """``states``: recent normalised states for the Jacobian norms; ``path_states`` and
         ``quadrature_points``: the batch and Gauss–Legendre nodes of L_par; the spectral product
         and Jacobian norms before/after a mask update are taken at every

@@ -79,6 +79,7 @@ class PruningCallback(L.Callback):
         self.regrown = 0
         self.t_start = self.t_end = 0
         self._random: dict[str, torch.Tensor] | None = None
+        self._mult: dict[str, torch.Tensor] = {}
 
     @property
     def active(self) -> bool:
@@ -107,6 +108,7 @@ class PruningCallback(L.Callback):
         for store in (self.masks, self.dense, self.saliency_sum):
             for n in store:
                 store[n] = store[n].to(self.params[n].device)
+        self._mult = {}
         self._apply_masks()
 
     # -- the training loop -------------------------------------------------------------------
@@ -154,8 +156,10 @@ class PruningCallback(L.Callback):
 
     @torch.no_grad()
     def _apply_masks(self) -> None:
-        for n, m in self.masks.items():
-            self.params[n].mul_(m)
+        if len(self._mult) != len(self.masks):  # float copies: ~3× cheaper to multiply by than bools
+            self._mult = {n: m.to(self.params[n].dtype) for n, m in self.masks.items()}
+        if self._mult:
+            torch._foreach_mul_([self.params[n] for n in self._mult], list(self._mult.values()))
 
     @torch.no_grad()
     def _update_masks(self, trainer, pl_module, t: int) -> None:
@@ -170,7 +174,7 @@ class PruningCallback(L.Callback):
         self.regrown = sum(int((m & ~self.masks[n]).sum()) for n, m in new.items()) if self.masks else 0
         if ste and not self.dense:
             self.dense = {n: b.clone() for n, b in before.items()}
-        self.masks = new
+        self.masks, self._mult = new, {}
         for n, p in self.params.items():
             p.copy_(before[n] * new[n])
         self.target = target
@@ -255,7 +259,7 @@ class PruningCallback(L.Callback):
         if state["criterion"] != self.criterion:
             raise ValueError(f"the checkpoint was pruned with pruning.criterion={state['criterion']!r}, "
                              f"this run has {self.criterion!r}")
-        self.masks = dict(state["masks"])
+        self.masks, self._mult = dict(state["masks"]), {}
         self.dense = dict(state["dense"])
         self.saliency_sum = dict(state["saliency_sum"])
         self.saliency_count = state["saliency_count"]
