@@ -233,3 +233,14 @@ def test_checkpoint_round_trip_restores_masks_and_schedule_position(small_cfg, t
     la, lb = a["callbacks"]["LipschitzCallback"], b["callbacks"]["LipschitzCallback"]
     assert la["violations"] == lb["violations"] == 0 and la["mask_updates"] == lb["mask_updates"] == 4
     assert math.isclose(la["at_pruning_start"]["actor"], lb["at_pruning_start"]["actor"])
+
+
+def test_scope_actor_prunes_only_the_actors_weight_matrices():
+    module, trainer = _Tiny(total_updates=100), _Trainer()
+    cb = PruningCallback("magnitude", final_sparsity=0.5, burn_in=0.0, end=0.2, interval=5, scope="actor")
+    cb.setup(trainer, module)
+    _adam_steps(module, cb, trainer, 30)
+    assert set(cb.masks) == {"actor.mean_net.0.weight", "actor.mean_net.2.weight", "actor.mean_net.4.weight"}
+    rep = cb.sparsity_report(module)
+    assert rep["actor"] == pytest.approx(0.5, abs=1e-3) and rep["critic"] == 0.0
+    assert all((m.bias != 0).all() for m in module.actor.mean_net if isinstance(m, torch.nn.Linear))  # biases untouched
