@@ -21,15 +21,18 @@ class SteadyStateTimer(L.Callback):
         self.t0 = self.t1 = None
         self.frames0 = self.frames1 = None
         self.collect0 = self.collect1 = None
+        self.cpu0 = self.cpu1 = None
 
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.current_epoch == self.warmup_rollouts - 1:
             dm = trainer.datamodule
             self.frames0, self.collect0 = dm.frames, dm.collect_time
             self.t0 = time.perf_counter()
+            self.cpu0 = time.process_time()
 
     def on_train_end(self, trainer, pl_module):
         self.t1 = time.perf_counter()
+        self.cpu1 = time.process_time()
         dm = trainer.datamodule
         self.frames1, self.collect1 = dm.frames, dm.collect_time
 
@@ -40,7 +43,9 @@ class SteadyStateTimer(L.Callback):
         frames = self.frames1 - self.frames0
         collect = self.collect1 - self.collect0
         updates = frames // trainer.datamodule.frames_per_batch * trainer.datamodule.updates_per_rollout
+        cpu = self.cpu1 - self.cpu0
         return {"bench": {"frames": frames, "wall_s": wall, "sps": frames / wall, "collect_s": collect,
+                          "cpu_s": cpu, "cpu_sps": frames / cpu,
                           "collect_sps": frames / collect if collect else None,
                           "update_s": wall - collect, "updates": updates,
                           "ms_per_update": 1e3 * (wall - collect) / updates if updates else None}}
@@ -54,6 +59,7 @@ def sb3_timer(warmup_rollouts: int = 1):
             super().__init__()
             self.rollouts = 0
             self.t0 = None
+            self.cpu0 = None
             self.frames0 = None
             self.collect_s = 0.0
             self._rollout_t = None
@@ -62,6 +68,7 @@ def sb3_timer(warmup_rollouts: int = 1):
             self.rollouts += 1
             if self.rollouts == warmup_rollouts + 1:
                 self.t0 = time.perf_counter()
+                self.cpu0 = time.process_time()
                 self.frames0 = self.num_timesteps
             self._rollout_t = time.perf_counter()
 
