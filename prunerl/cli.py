@@ -19,7 +19,8 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 COMMANDS = {
     "fit": ("config", "train PPO(+SA) on a MuJoCo task (Hydra overrides: env=, algo.kappa=, total_frames=, ...)"),
-    "evaluate": ("evaluate", "evaluate a checkpoint: checkpoint=PATH [episodes=N] [deterministic=true|false]"),
+    "evaluate": ("evaluate", "evaluate a checkpoint (or a directory of them) clean and under attacks: checkpoint=PATH "
+                 "[attacks=[random,critic,mad,rs,optimal]] [episodes=N] [eps=E] [deterministic=true|false]"),
     "report": ("report", "sweet-spot tables and figures from a folder of runs: runs=DIR [out=DIR]"),
 }
 

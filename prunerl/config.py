@@ -80,6 +80,18 @@ def validate_fit(cfg: DictConfig) -> None:
     if cfg.get("pruning") is not None:
         validate_pruning_cfg(cfg.pruning)
     resolve_device(cfg.device)
+    if cfg.get("evaluation") is not None:
+        validate_attack_settings(cfg.evaluation, prefix="evaluation.")
+    if cfg.get("adversary") is not None and cfg.get("victim") is None:
+        raise ConfigError("experiment=adversary needs victim=PATH (the checkpoint of the policy to attack)")
+    if cfg.get("victim") is not None:
+        victim_task = load_checkpoint(cfg.victim, key="victim")["prunerl"]["config"]["env"]["name"]
+        if victim_task != env.name:
+            raise ConfigError(f"victim={cfg.victim} is a checkpoint of env={victim_task}, "
+                              f"but this run is env={env.name}")
+        adv_eps = cfg.adversary.eps
+        if adv_eps is not None and adv_eps < 0:
+            raise ConfigError(f"adversary.eps={adv_eps} is negative; ε must be >= 0")
     if cfg.resume is not None:
         ckpt = load_checkpoint(cfg.resume, key="resume")
         task = ckpt["prunerl"]["config"]["env"]["name"]
@@ -125,3 +137,26 @@ def load_checkpoint(path, key: str = "checkpoint") -> dict:
         raise ConfigError(f"{key}={path} is not a PruneRL checkpoint (no 'prunerl' entry); "
                           "expected a .ckpt written by `python -m prunerl fit`")
     return ckpt
+
+
+def validate_attack_settings(ev, prefix: str = "") -> None:
+    """Attack names, ε, steps and episodes of an evaluation config (``evaluation.*`` or ``evaluate``)."""
+    from prunerl.attacks import ATTACKS
+
+    attacks = ev.attacks
+    if isinstance(attacks, str) or not all(isinstance(a, str) for a in (attacks or [])):
+        raise ConfigError(f"{prefix}attacks={attacks!r} must be a list of attack names; allowed: {list(ATTACKS)}")
+    for a in attacks or []:
+        if a not in ATTACKS:
+            raise ConfigError(f"{prefix}attacks contains {a!r}, which is not an attack; allowed: {list(ATTACKS)}")
+    if ev.eps is not None and (not isinstance(ev.eps, (int, float)) or ev.eps < 0):
+        raise ConfigError(f"{prefix}eps={ev.eps} is negative; ε must be >= 0 (null = the task's ε)")
+    _positive_int(f"{prefix}episodes", ev.episodes)
+    if not isinstance(ev.steps, int) or ev.steps < 0:
+        raise ConfigError(f"{prefix}steps={ev.steps!r} must be an integer >= 0")
+    if not ev.step_ratio > 0:
+        raise ConfigError(f"{prefix}step_ratio={ev.step_ratio} must be > 0 (step size = step_ratio · ε)")
+    if ev.num_envs is not None:
+        _positive_int(f"{prefix}num_envs", ev.num_envs)
+    if ev.get("every_frames") is not None:
+        _positive_int(f"{prefix}every_frames", ev.every_frames)

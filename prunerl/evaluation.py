@@ -16,6 +16,42 @@ from prunerl.models import ActorPolicy, GaussianActor
 Perturbation = Callable[[torch.Tensor], torch.Tensor]
 
 
+def frozen_env(normalizer_state: dict, task: str, num_envs: int, seed: int):
+    """The task's batched env with the checkpoint's normaliser loaded and frozen."""
+    env = make_env(task, num_envs, seed)
+    norm = normalizer_of(env)
+    # the per-env running return (reward scaling) belongs to the training envs, not to these
+    norm.load_state_dict({k: v for k, v in normalizer_state.items() if k != "running_return"}, strict=False)
+    norm.freeze()
+    return env
+
+
+@torch.no_grad()
+def collect_transitions(actor: GaussianActor, normalizer_state: dict, task: str, frames: int, *,
+                        seed: int = 12345, num_envs: int = 16, deterministic: bool = False) -> dict:
+    """``frames`` clean transitions (s, a, r, s', terminated) of the victim, flat, for Robust Sarsa.
+
+    ``r`` is the reward scaled by the frozen normaliser (the scale the victim's critic learned).
+    Actions are sampled (σ of the policy) by default so that Q sees more than a = μ(s).
+    """
+    env = frozen_env(normalizer_state, task, num_envs, seed)
+    policy = ActorPolicy(actor, deterministic=deterministic)
+    keys = ("observation", "action", "reward", "next_observation", "terminated")
+    out: dict[str, list] = {k: [] for k in keys}
+    td = env.reset()
+    for _ in range(-(-frames // num_envs)):
+        obs = td["observation"]
+        td["action"], _ = policy(obs)
+        td, td_next = env.step_and_maybe_reset(td)
+        nxt = td["next"]
+        for k, v in (("observation", obs), ("action", td["action"]), ("reward", nxt["reward"].squeeze(-1)),
+                     ("next_observation", nxt["observation"]), ("terminated", nxt["terminated"].squeeze(-1))):
+            out[k].append(v)
+        td = td_next
+    env.close()
+    return {k: torch.cat(v)[:frames] for k, v in out.items()}
+
+
 @torch.no_grad()
 def run_episodes(actor: GaussianActor, normalizer_state: dict, task: str, episodes: int, *,
                  deterministic: bool = True, seed: int = 12345, num_envs: int | None = None,
@@ -29,11 +65,7 @@ def run_episodes(actor: GaussianActor, normalizer_state: dict, task: str, episod
     if episodes <= 0:
         raise ValueError(f"episodes={episodes} must be a positive integer")
     n = min(episodes, 16) if num_envs is None else num_envs
-    env = make_env(task, n, seed)
-    norm = normalizer_of(env)
-    # the per-env running return (reward scaling) belongs to the training envs, not to these
-    norm.load_state_dict({k: v for k, v in normalizer_state.items() if k != "running_return"}, strict=False)
-    norm.freeze()
+    env = frozen_env(normalizer_state, task, n, seed)
     policy = ActorPolicy(actor, deterministic=deterministic)
     quota = np.array([episodes // n + (i < episodes % n) for i in range(n)])
     finished = np.zeros(n, dtype=int)

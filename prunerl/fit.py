@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from prunerl.config import ConfigError, resolve_device, validate_fit
+from prunerl.config import ConfigError, load_checkpoint, resolve_device, validate_fit
 from prunerl.data import RolloutDataModule
 from prunerl.envs import TASKS, make_env
 from prunerl.models import Critic, GaussianActor
@@ -35,7 +35,20 @@ def build_models(cfg: DictConfig, obs_dim: int, act_dim: int) -> tuple[GaussianA
 
 
 def build_env(cfg: DictConfig):
-    """The training env for ``cfg``: the batched MuJoCo task with its normaliser."""
+    """The training env for ``cfg``: the batched MuJoCo task with its normaliser — or, with
+    ``victim=PATH`` (``experiment=adversary``), the env whose agent is a learned adversary
+    perturbing that frozen victim's observations (:mod:`prunerl.adversary`)."""
+    if cfg.get("victim") is not None:
+        from prunerl.adversary import make_adversary_env
+        from prunerl.evaluate import actor_from_checkpoint
+
+        victim, victim_norm, _ = actor_from_checkpoint(load_checkpoint(cfg.victim, key="victim"))
+        adv = cfg.adversary
+        eps = float(cfg.env.eps if adv.eps is None else adv.eps)
+        return make_adversary_env(cfg.env.name, victim, victim_norm, cfg.env.num_envs, cfg.seed, eps=eps,
+                                  similarity=adv.similarity, victim_deterministic=adv.victim_deterministic,
+                                  gamma=cfg.algo.gamma, clip_obs=cfg.env.clip_obs,
+                                  scale_reward=cfg.env.scale_reward)
     return make_env(cfg.env.name, cfg.env.num_envs, cfg.seed, gamma=cfg.algo.gamma,
                     clip_obs=cfg.env.clip_obs, scale_reward=cfg.env.scale_reward)
 
@@ -74,18 +87,17 @@ def fit(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     _use_wandb_offline_without_key(cfg)
 
-    # Create the models
+    # Create the env and the models (their sizes come from the env: an adversary acts on observations)
     task = TASKS[cfg.env.name]
     algo = cfg.algo
-    probe = __import__("gymnasium").make(task.env_id)
-    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
-    probe.close()
+    env = build_env(cfg)
+    obs_dim, act_dim = env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1]
     actor, critic = build_models(cfg, obs_dim, act_dim)
     actor.to(device), critic.to(device)
 
     # Create the collector's datamodule and the PPO+SA module
     dm = RolloutDataModule(
-        build_env(cfg), actor, critic, frames_per_batch=algo.frames_per_batch, epochs=algo.epochs,
+        env, actor, critic, frames_per_batch=algo.frames_per_batch, epochs=algo.epochs,
         minibatches=algo.minibatches, gamma=algo.gamma, lmbda=algo.gae_lambda, seed=cfg.seed,
         device=device,
     )

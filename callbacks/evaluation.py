@@ -1,0 +1,92 @@
+"""Adversarial evaluation while training (paper Sec. 4.3): the frozen policy, clean and under attacks.
+
+Every ``every_frames`` frames (if set) and at the end of ``fit``, the current actor and critic are
+copied and frozen with the current normaliser statistics, then rolled out for ``episodes``
+episodes clean and under each attack of ``attacks`` (:func:`prunerl.evaluate.evaluate_policy`).
+Logged as ``eval/clean/return``, ``eval/<attack>/return``, ``eval/<attack>/perturbation`` (mean
+‖ŝ−s‖∞ per step) at the current update t; the last evaluation goes to ``summary.json``
+(``clean_return``, ``attack_returns``, and the settings under ``evaluation``).
+
+Training is not disturbed: the evaluation runs its own envs, draws from its own generators and
+restores torch's global RNG (which the checkpoint carries for exact resume). ``rs`` and
+``optimal`` need a checkpoint to cache their trained models beside: one is written to
+``checkpoints/eval-f<frames>.ckpt`` when they are asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from prunerl.attacks import TRAINED_ATTACKS
+from prunerl.evaluate import evaluate_policy
+
+
+class AdversarialEvaluation(L.Callback):
+    def __init__(self, settings):
+        super().__init__()
+        self.settings = settings
+        self.every = settings.every_frames
+        self.next_at = self.every
+        self.history: list[dict] = []
+        self.last: dict | None = None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        frames = trainer.datamodule.frames
+        if self.every and frames >= self.next_at:
+            self.next_at = (frames // self.every + 1) * self.every
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.last is None or self.last["frames"] != trainer.datamodule.frames:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer, pl_module) -> dict:
+        dm = trainer.datamodule
+        task = pl_module.run_config["env"]["name"]
+        victim_path = None
+        if any(a in TRAINED_ATTACKS for a in self.settings.attacks):
+            victim_path = Path(trainer.default_root_dir) / "checkpoints" / f"eval-f{dm.frames}.ckpt"
+            trainer.save_checkpoint(victim_path, weights_only=False)
+        actor, critic = copy.deepcopy(pl_module.actor), copy.deepcopy(pl_module.critic)
+        norm_state = {k: v.clone() for k, v in dm.normalizer.state_dict().items()}
+        with torch.random.fork_rng(devices=[]):
+            result = evaluate_policy(actor, critic, norm_state, task, self.settings, victim_path=victim_path,
+                                     device=pl_module.device, log=lambda msg: None)
+        result["frames"] = dm.frames
+        row = {"eval/clean/return": result["clean_return"], "eval/clean/length": result["clean"]["mean_length"]}
+        for name, r in result["attacks"].items():
+            row[f"eval/{name}/return"] = r["mean_return"]
+            row[f"eval/{name}/perturbation"] = r["mean_perturbation_linf"]
+        for logger in trainer.loggers:
+            logger.log_metrics(row, step=trainer.global_step)
+        self.last = result
+        self.history.append({"frames": dm.frames, "step": trainer.global_step, **row})
+        return result
+
+    def summary(self, trainer, pl_module) -> dict:
+        if self.last is None:
+            return {}
+        r = self.last
+        return {
+            "clean_return": r["clean_return"],
+            "attack_returns": dict(r["attack_returns"]),
+            "evaluation": {
+                "frames": r["frames"], "eps": r["eps"], "episodes": r["episodes"],
+                "deterministic": r["deterministic"], "steps": r["steps"], "step_size": r["step_size"],
+                "random_start": r["random_start"], "seed": r["seed"],
+                "clean_std": r["clean"]["std_return"],
+                "attack_std": {k: v["std_return"] for k, v in r["attacks"].items()},
+                "perturbation_linf": {k: v["mean_perturbation_linf"] for k, v in r["attacks"].items()},
+            },
+        }
+
+    def state_dict(self) -> dict:
+        return {"next_at": self.next_at, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_at = state["next_at"]
+        self.history = list(state["history"])

@@ -1,0 +1,175 @@
+"""The attacks: always inside the ε-ball, and each one does what it is named for.
+
+The learned-adversary test trains a victim and an adversary for real (slow-marked):
+``/tmp/venv/bin/python -m pytest -m slow tests/test_attacks.py``.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prunerl import attacks as A
+from prunerl.adversary import make_adversary_env
+from prunerl.envs import make_env, normalizer_of
+from prunerl.evaluation import collect_transitions
+from prunerl.models import Critic, GaussianActor
+from prunerl.sa import gaussian_kl
+
+OBS, ACT = 11, 3
+
+
+def _nets(seed: int):
+    """A victim (actor, critic), a Q and an adversary that are non-trivial functions of the input."""
+    torch.manual_seed(seed)
+    actor, critic = GaussianActor(OBS, ACT, (32, 32), "tanh", 0.1), Critic(OBS, (32, 32), "tanh")
+    q, adversary = A.QNetwork(OBS, ACT, (16, 16)), GaussianActor(OBS, OBS, (16, 16), "tanh", 0.1)
+    for net in (actor, critic, q, adversary):
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+    return actor, critic, q, adversary
+
+
+def _attack(name, actor, critic, q, adversary, eps, steps, random_start, gen):
+    grad = dict(steps=steps, step_size=eps / 10, random_start=random_start, generator=gen)
+    return {
+        "random": lambda: A.random_attack(eps, gen),
+        "critic": lambda: A.critic_attack(critic, eps, **grad),
+        "mad": lambda: A.mad_attack(actor, actor.std, eps, **grad),
+        "rs": lambda: A.rs_attack(q, actor, eps, **grad),
+        "optimal": lambda: A.optimal_attack(adversary, eps, lambda s: 3 * s),
+    }[name]()
+
+
+def test_every_attack_name_is_built():
+    assert set(A.ATTACKS) == {"random", "critic", "mad", "rs", "optimal"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(A.ATTACKS), seed=st.integers(0, 10_000), eps=st.floats(0.0, 0.5),
+       steps=st.integers(0, 12), random_start=st.booleans(), scale=st.floats(0.1, 10.0))
+def test_every_attack_stays_in_the_ball(name, seed, eps, steps, random_start, scale):
+    actor, critic, q, adversary = _nets(seed % 7)
+    gen = torch.Generator().manual_seed(seed)
+    obs = torch.randn(128, OBS, generator=gen) * scale
+    perturb = _attack(name, actor, critic, q, adversary, eps, steps, random_start, gen)
+    with torch.no_grad():  # as run_episodes calls it
+        s_hat = perturb(obs)
+    assert s_hat.shape == obs.shape and torch.isfinite(s_hat).all()
+    assert ((s_hat - obs).abs() <= eps + 1e-6 * (1 + obs.abs())).all()
+    assert not any(p.grad is not None for net in (actor, critic, q) for p in net.parameters())
+
+
+def test_gradient_attacks_use_the_ball():
+    """Not vacuous: with a budget, gradient attacks move to the ball's surface (sign steps)."""
+    actor, critic, q, adversary = _nets(0)
+    obs = torch.randn(256, OBS)
+    for name in ("critic", "mad", "rs"):
+        s_hat = _attack(name, actor, critic, q, adversary, 0.1, 10, True, torch.Generator().manual_seed(0))(obs)
+        assert (s_hat - obs).abs().amax(-1).mean() > 0.09, name
+
+
+def test_mad_reaches_a_larger_kl_than_random():
+    actor, *_ = _nets(1)
+    obs = torch.randn(512, OBS)
+    eps = 0.05
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        mean = actor(obs)
+        kl_random = gaussian_kl(mean, actor(A.random_attack(eps, gen)(obs)), actor.std)
+        kl_mad = gaussian_kl(mean, actor(A.mad_attack(actor, actor.std, eps, generator=gen)(obs)), actor.std)
+    assert kl_mad.mean() > 2 * kl_random.mean()
+    assert (kl_mad >= kl_random).float().mean() > 0.9
+
+
+def test_critic_attack_lowers_the_value():
+    _, critic, *_ = _nets(2)
+    obs = torch.randn(512, OBS)
+    s_hat = A.critic_attack(critic, 0.05, generator=torch.Generator().manual_seed(0))(obs)
+    with torch.no_grad():
+        v, v_hat = critic(obs), critic(s_hat)
+    random_hat = A.random_attack(0.05, torch.Generator().manual_seed(0))(obs)
+    with torch.no_grad():
+        v_random = critic(random_hat)
+    assert v_hat.mean() < v.mean() and v_hat.mean() < v_random.mean()
+    assert (v_hat < v).float().mean() > 0.95
+
+
+def test_rs_attack_lowers_q_of_the_victims_action():
+    actor, _, q, _ = _nets(3)
+    obs = torch.randn(512, OBS)
+    s_hat = A.rs_attack(q, actor, 0.05, generator=torch.Generator().manual_seed(0))(obs)
+    with torch.no_grad():
+        assert q(obs, actor(s_hat)).mean() < q(obs, actor(obs)).mean()
+
+
+def test_robust_sarsa_training_lowers_its_td_loss():
+    """On real clean transitions of a victim on InvertedPendulum (its own normaliser, frozen)."""
+    torch.manual_seed(0)
+    env = make_env("inverted_pendulum", 4, seed=0)
+    norm_state = normalizer_of(env).state_dict()
+    env.close()
+    actor = GaussianActor(4, 1, (32, 32), "tanh", 0.1)
+    data = collect_transitions(actor, norm_state, "inverted_pendulum", 512, seed=0, num_envs=8)
+    assert data["observation"].shape == (512, 4) and data["action"].shape == (512, 1)
+    assert data["terminated"].any()  # episodes end inside the data: the TD target must cut there
+    q = A.QNetwork(4, 1)
+    # γ = 0.9: a short horizon, so that bootstrapping from Q = 0 settles within a test's budget
+    # (with γ = 0.99 the TD loss first rises for a few dozen epochs while the values grow)
+    history = A.train_robust_sarsa(q, actor, data, gamma=0.9, epochs=16, minibatches=16, lr=1e-2, reg=0.1,
+                                   generator=torch.Generator().manual_seed(0))
+    assert len(history) == 17
+    assert history[-1] < 0.5 * history[0]
+    # the robustness penalty is active: Q barely moves inside the action ball it was trained on
+    batch = {k: v[:256] for k, v in data.items()}
+    assert float(A.robustness_penalty(q, batch, 0.02)) < 0.1 * history[0]
+
+
+def test_adversary_env_perturbs_the_victim_and_is_paid_the_negated_reward():
+    torch.manual_seed(0)
+    env = make_env("inverted_pendulum", 2, seed=0)
+    norm_state = normalizer_of(env).state_dict()
+    env.close()
+    victim = GaussianActor(4, 1, (16, 16), "tanh", 0.1)
+    seen = []
+    forward = victim.forward
+    victim.forward = lambda s: (seen.append(s.clone()), forward(s))[1]
+    adv_env = make_adversary_env("inverted_pendulum", victim, norm_state, 2, seed=0, eps=0.1, similarity=10.0,
+                                 victim_deterministic=True, scale_reward=False)
+    td = adv_env.reset()
+    s = adv_env.base_env._s.clone()
+    td["action"] = torch.tensor([[1.0, -1.0, 0.5, 3.0], [0.0, 0.0, 0.0, 0.0]])  # 3.0 is clipped to 1
+    out = adv_env.step(td)["next"]
+    assert torch.allclose(seen[-1], s + 0.1 * torch.tensor([[1.0, -1.0, 0.5, 1.0], [0, 0, 0, 0]]))
+    # InvertedPendulum pays the victim 1 per step; penalty λ·‖ŝ − s‖² = λ·ε²·Σa² on the clipped action
+    assert out["reward"][0, 0].item() == pytest.approx(-1 - 10 * 0.01 * (1 + 1 + 0.25 + 1))
+    assert out["reward"][1, 0].item() == pytest.approx(-1.0)
+    assert out["victim_return"][:, 0].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_a_briefly_trained_optimal_adversary_beats_random(tmp_path):
+    """Victim: PPO on InvertedPendulum until it balances; adversary: PPO for 40k frames against it.
+    The learned attack must lower the victim's return below what the random attack leaves."""
+    from omegaconf import OmegaConf
+
+    from prunerl.config import load_checkpoint
+    from prunerl.evaluate import actor_from_checkpoint, critic_from_checkpoint, evaluate_policy
+    from prunerl.fit import fit
+    from tests.conftest import SMALL, compose_cfg
+
+    run = tmp_path / "victim"
+    fit(compose_cfg(run, *SMALL, "total_frames=40960", "algo.kappa=0", "callbacks.evaluation=null",
+                    "algo.frames_per_batch=2048", "algo.minibatches=16", "algo.epochs=4"))
+    ckpt_path = run / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint(ckpt_path)
+    actor, norm_state, _ = actor_from_checkpoint(ckpt)
+    settings = OmegaConf.load("conf/evaluation/default.yaml")
+    settings.attacks, settings.episodes, settings.eps = ["random", "optimal"], 16, 0.2
+    settings.optimal.frames = 40960
+    result = evaluate_policy(actor, critic_from_checkpoint(ckpt), norm_state, "inverted_pendulum", settings,
+                             victim_path=ckpt_path, log=print)
+    print(result["clean_return"], result["attack_returns"])
+    assert result["clean_return"] > 500  # the victim balances
+    assert result["attack_returns"]["optimal"] < 0.8 * result["attack_returns"]["random"]
+    assert list(run.joinpath("checkpoints").glob("last.adversary-*/checkpoints/last.ckpt"))
