@@ -89,7 +89,7 @@ def projected_sign_gradient(objective: Callable[[torch.Tensor], torch.Tensor], o
             best_val = torch.where(better, score, best_val)
             if grad is None:
                 break
-            s_hat = torch.add(s_hat, grad.sign_(), alpha=sign * alpha).clamp_(lo, hi)
+            s_hat = torch.add(s_hat, grad.sign(), alpha=sign * alpha).clamp_(lo, hi)
     return best.detach()
 
 
