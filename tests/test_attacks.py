@@ -1,6 +1,6 @@
 """The attacks: always inside the ε-ball, and each one does what it is named for.
 
-The learned-adversary test trains a Hopper victim and an adversary for real (slow-marked, minutes):
+The learned-adversary test trains a victim and an adversary for real (slow-marked, ~3 minutes):
 ``/tmp/venv/bin/python -m pytest -m slow tests/test_attacks.py``.
 """
 
@@ -149,10 +149,10 @@ def test_adversary_env_perturbs_the_victim_and_is_paid_the_negated_reward():
 
 @pytest.mark.slow
 def test_a_briefly_trained_optimal_adversary_beats_random(tmp_path):
-    """Victim: vanilla PPO on Hopper for 51k frames; adversary: PPO for 61k frames against it
-    (Hopper's dense reward gives the adversary a signal at every step; on InvertedPendulum the only
-    signal is the fall, too rare for a brief training). The learned attack must lower the victim's
-    return below what the random attack leaves, at the same ε."""
+    """Victim: vanilla PPO on InvertedPendulum for 28k frames (it balances for ~130 steps and
+    sometimes falls, so the adversary's value function sees which states end episodes sooner);
+    adversary: PPO for 61k frames against it, ε = 0.3. The learned attack must lower the victim's
+    return well below what the random attack leaves (seen: clean 132, random 118, optimal 50)."""
     from omegaconf import OmegaConf
 
     from prunerl.config import load_checkpoint
@@ -161,17 +161,19 @@ def test_a_briefly_trained_optimal_adversary_beats_random(tmp_path):
     from tests.conftest import compose_cfg
 
     run = tmp_path / "victim"
-    fit(compose_cfg(run, "env=hopper", "total_frames=51200", "algo.kappa=0", "pruning=none", "logger=none",
-                    "callbacks.progress=null", "callbacks.evaluation=null", "algo.model.hidden=[64,64]"))
+    fit(compose_cfg(run, "env=inverted_pendulum", "env.num_envs=8", "total_frames=28672",
+                    "algo.frames_per_batch=2048", "algo.minibatches=16", "algo.epochs=4", "algo.model.hidden=[64,64]",
+                    "algo.kappa=0", "pruning=none", "logger=none", "callbacks.progress=null",
+                    "callbacks.evaluation=null"))
     ckpt_path = run / "checkpoints" / "last.ckpt"
     ckpt = load_checkpoint(ckpt_path)
     actor, norm_state, _ = actor_from_checkpoint(ckpt)
     settings = OmegaConf.load("conf/evaluation/default.yaml")
-    settings.attacks, settings.episodes, settings.eps = ["random", "optimal"], 16, 0.15
+    settings.attacks, settings.episodes, settings.eps = ["random", "optimal"], 16, 0.3
     settings.optimal.frames = 61440
-    result = evaluate_policy(actor, critic_from_checkpoint(ckpt), norm_state, "hopper", settings,
+    result = evaluate_policy(actor, critic_from_checkpoint(ckpt), norm_state, "inverted_pendulum", settings,
                              victim_path=ckpt_path, log=print)
     print(result["clean_return"], result["attack_returns"])
-    assert result["attack_returns"]["optimal"] < result["attack_returns"]["random"]
-    assert result["attacks"]["optimal"]["mean_perturbation_linf"] <= 0.15 + 1e-6
+    assert result["attack_returns"]["optimal"] < 0.8 * result["attack_returns"]["random"]
+    assert result["attacks"]["optimal"]["mean_perturbation_linf"] <= 0.3 + 1e-6
     assert list(run.joinpath("checkpoints").glob("last.adversary-*/checkpoints/last.ckpt"))
