@@ -76,19 +76,18 @@ def robust_sarsa_q(victim_path: Path, actor: GaussianActor, norm_state: dict, ta
     rs = OmegaConf.to_container(settings.rs, resolve=True) if isinstance(settings.rs, DictConfig) else dict(settings.rs)
     key = _cache_key(actor, task=task, seed=settings.seed, **rs)
     path = Path(victim_path).with_suffix(f".rs_q-{key}.pt")
-    obs_dim, act_dim = shapes = (_linear_shapes(actor.state_dict(), "mean_net.")[0][1],
-                                 _linear_shapes(actor.state_dict(), "mean_net.")[-1][0])
-    q = A.QNetwork(*shapes, hidden=tuple(rs["hidden"]))
+    layers = _linear_shapes(actor.state_dict(), "mean_net.")
+    obs_dim, act_dim = layers[0][1], layers[-1][0]
     if path.is_file():
+        q = A.QNetwork(obs_dim, act_dim, hidden=tuple(rs["hidden"]))
         q.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["q"])
-        return q
+        return q.to(next(actor.parameters()).device)
     log(f"training Robust Sarsa Q on {rs['frames']} clean transitions  ->  {path.name}")
     gen = torch.Generator().manual_seed(settings.seed)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         data = collect_transitions(actor, norm_state, task, rs["frames"], seed=settings.seed)
-        torch.manual_seed(settings.seed)
-        q = A.QNetwork(obs_dim, act_dim, hidden=tuple(rs["hidden"]))
+        q = A.QNetwork(obs_dim, act_dim, hidden=tuple(rs["hidden"])).to(data["observation"].device)
         history = A.train_robust_sarsa(q, actor, data, gamma=rs["gamma"], epochs=rs["epochs"],
                                        minibatches=rs["minibatches"], lr=rs["lr"], reg=rs["reg"],
                                        q_eps=rs["q_eps"], generator=gen)
@@ -117,12 +116,13 @@ def learned_adversary(victim_path: Path, actor: GaussianActor, task: str, eps: f
         cfg.adversary.eps, cfg.adversary.similarity = eps, float(opt.similarity)
         cfg.adversary.victim_deterministic = bool(settings.deterministic)
         log(f"training the optimal adversary for {opt.frames} frames  ->  {run_dir.name}/")
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]):
             fit(cfg)
     adv, adv_norm_state, _ = actor_from_checkpoint(load_checkpoint(last))
     norm = RunningNormalizer(adv.mean_net[0].in_features, 1)
     norm.load_state_dict({k: v for k, v in adv_norm_state.items() if k != "running_return"}, strict=False)
-    return adv.eval(), norm.freeze()
+    device = next(actor.parameters()).device
+    return adv.to(device).eval(), norm.to(device).freeze()
 
 
 def build_attack(name: str, *, actor: GaussianActor, critic: Critic | None, norm_state: dict, task: str,

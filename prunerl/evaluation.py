@@ -38,15 +38,17 @@ def collect_transitions(actor: GaussianActor, normalizer_state: dict, task: str,
     policy = ActorPolicy(actor, deterministic=deterministic)
     keys = ("observation", "action", "reward", "next_observation", "terminated")
     out: dict[str, list] = {k: [] for k in keys}
+    device = next(actor.parameters()).device
     td = env.reset()
     for _ in range(-(-frames // num_envs)):
-        obs = td["observation"]
-        td["action"], _ = policy(obs)
+        obs = td["observation"].to(device)
+        action, _ = policy(obs)
+        td["action"] = action.cpu()
         td, td_next = env.step_and_maybe_reset(td)
         nxt = td["next"]
-        for k, v in (("observation", obs), ("action", td["action"]), ("reward", nxt["reward"].squeeze(-1)),
+        for k, v in (("observation", obs), ("action", action), ("reward", nxt["reward"].squeeze(-1)),
                      ("next_observation", nxt["observation"]), ("terminated", nxt["terminated"].squeeze(-1))):
-            out[k].append(v)
+            out[k].append(v.to(device))
         td = td_next
     env.close()
     return {k: torch.cat(v)[:frames] for k, v in out.items()}
