@@ -70,6 +70,11 @@ def prunerl_overrides(*, kappa: float, num_envs: int, total_frames: int, seed: i
         "torch_threads=1",
         "device=cpu",
         "logger=none",
+        # plain PPO, as SB3: no pruning, no Lipschitz tracking, no end-of-run attack evaluation
+        "pruning=none",
+        "callbacks.pruning=null",
+        "callbacks.lipschitz=null",
+        "callbacks.evaluation=null",
         "callbacks.progress=null",
         f"run_dir={run_dir}",
         *extra,

@@ -117,7 +117,8 @@ def fit(cfg: DictConfig) -> dict:
     loggers += [hydra.utils.instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     callbacks.append(ModelCheckpoint(
-        dirpath=run.checkpoints, filename="rollout{epoch:05d}-t{step}", every_n_epochs=cfg.checkpoint.every_n_rollouts,
+        dirpath=run.checkpoints, filename="rollout{epoch:05d}-t{step}",
+        every_n_epochs=cfg.checkpoint.every_n_rollouts or 0,  # null: no periodic ones, only last.ckpt
         save_on_train_epoch_end=True, save_top_k=-1, save_last=True, auto_insert_metric_name=False,
     ))
     trainer: L.Trainer = hydra.utils.instantiate(

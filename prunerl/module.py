@@ -45,9 +45,6 @@ class PPOModule(L.LightningModule):
         # update (to rounding), ~0.15 ms less per update with 64x64 nets on a CPU core.
         return torch.optim.Adam(params, lr=self.lr, eps=self.adam_eps, fused=_fused_adam_ok(params))
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch  # the rollout is stored on the learner's device already
-
     def sa_eps(self, t: int) -> float:
         """ε_t: ramped linearly from 0 to ε over the first ``eps_ramp`` of the T updates."""
         if self.eps_ramp <= 0:
