@@ -122,7 +122,7 @@ def test_robust_sarsa_training_lowers_its_td_loss():
     assert history[-1] < 0.5 * history[0]
     # the robustness penalty is active: Q barely moves inside the action ball it was trained on
     batch = {k: v[:256] for k, v in data.items()}
-    assert float(A.robustness_penalty(q, batch, 0.02)) < 0.1 * history[0]
+    assert float(A.robustness_penalty(q, batch, 0.02).detach()) < 0.1 * history[0]
 
 
 def test_adversary_env_perturbs_the_victim_and_is_paid_the_negated_reward():
