@@ -108,8 +108,11 @@ def learned_adversary(victim_path: Path, actor: GaussianActor, task: str, eps: f
         from prunerl.fit import fit
 
         victim_ckpt = load_checkpoint(victim_path)
-        cfg = OmegaConf.merge(OmegaConf.create(victim_ckpt["prunerl"]["config"]),
-                              OmegaConf.load(CONF_DIR / "experiment" / "adversary.yaml"))
+        experiment = OmegaConf.load(CONF_DIR / "experiment" / "adversary.yaml")
+        experiment.pop("defaults", None)  # its group override (pruning: none) is applied by hand below
+        cfg = OmegaConf.merge(OmegaConf.create(victim_ckpt["prunerl"]["config"]), experiment)
+        if (CONF_DIR / "pruning" / "none.yaml").is_file():
+            cfg.pruning = OmegaConf.load(CONF_DIR / "pruning" / "none.yaml")
         cfg.callbacks, cfg.logger, cfg.resume = {}, {}, None
         cfg.victim, cfg.run_dir = str(Path(victim_path).resolve()), str(run_dir)
         cfg.total_frames, cfg.seed = int(opt.frames), int(opt.seed)
