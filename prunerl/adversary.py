@@ -23,10 +23,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.data import Bounded, Composite, Unbounded
 from torchrl.envs import EnvBase, TransformedEnv
 
-from prunerl.envs import TASKS, MujocoVecEnv, RunningNormalizer
+from prunerl.envs import TASKS, MujocoVecEnv, RunningNormalizer, batched_done_spec
 from prunerl.models import GaussianActor
 
 
@@ -58,12 +58,7 @@ class AdversaryEnv(EnvBase):
         )
         self.action_spec = Bounded(low=-1.0, high=1.0, shape=n + (d,), dtype=torch.float32)
         self.reward_spec = Unbounded(shape=n + (1,), dtype=torch.float32)
-        self.done_spec = Composite(
-            done=Categorical(2, shape=n + (1,), dtype=torch.bool),
-            terminated=Categorical(2, shape=n + (1,), dtype=torch.bool),
-            truncated=Categorical(2, shape=n + (1,), dtype=torch.bool),
-            shape=n,
-        )
+        self.done_spec = batched_done_spec(num_envs)
         self._s = torch.zeros(num_envs, d)
         self._ep_return = np.zeros((num_envs, 1), dtype=np.float64)
         self._victim_return = np.zeros((num_envs, 1), dtype=np.float64)

@@ -51,6 +51,13 @@ ENV_IDS = {t.env_id for t in TASKS.values()}
 _MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # qpos, qvel, act, warm start, ...: bit-exact resume
 
 
+def batched_done_spec(num_envs: int) -> Composite:
+    """``done`` / ``terminated`` / ``truncated`` flags, one per env (TorchRL's done convention)."""
+    n = (num_envs,)
+    flag = Categorical(2, shape=n + (1,), dtype=torch.bool)
+    return Composite(done=flag, terminated=flag.clone(), truncated=flag.clone(), shape=n)
+
+
 class MujocoVecEnv(EnvBase):
     """``num_envs`` Gymnasium MuJoCo envs stepped in this process as one batched TorchRL env.
 
@@ -84,12 +91,7 @@ class MujocoVecEnv(EnvBase):
             dtype=torch.float32,
         )
         self.reward_spec = Unbounded(shape=n + (1,), dtype=torch.float32)
-        self.done_spec = Composite(
-            done=Categorical(2, shape=n + (1,), dtype=torch.bool),
-            terminated=Categorical(2, shape=n + (1,), dtype=torch.bool),
-            truncated=Categorical(2, shape=n + (1,), dtype=torch.bool),
-            shape=n,
-        )
+        self.done_spec = batched_done_spec(num_envs)
         self._obs = np.zeros((num_envs, obs_dim), dtype=np.float32)
         self._ep_return = np.zeros((num_envs, 1), dtype=np.float64)
         self._ep_length = np.zeros((num_envs, 1), dtype=np.int64)
