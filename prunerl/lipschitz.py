@@ -167,7 +167,7 @@ def robustness_alpha(gamma: float, r_max: float) -> float:
 def gaussian_c(std: torch.Tensor | float) -> float:
     """c = 1/sqrt(2π λ_min(Σ)) for Σ = diag(σ²) (App. B's form; the main text's
     (sqrt(2π) λ_min)^-1 is a misprint)."""
-    lam_min = float(torch.as_tensor(std).double().pow(2).min())
+    lam_min = float(torch.as_tensor(std).detach().double().pow(2).min())
     return 1.0 / math.sqrt(2.0 * math.pi * lam_min)
 
 
