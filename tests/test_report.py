@@ -71,3 +71,30 @@ def test_report_writes_tables_figures_and_lists_missing_runs(hand_made, tmp_path
     assert "broken" in md and "Missing or failed runs" in md
     assert "| hopper | 0.30 | magnitude | 15 | 30% | 1.00 | 1.50 | 1.25 | 2 |" in md
     assert result["runs"] == 6
+
+
+def test_report_on_small_real_runs(small_cfg, tmp_path):
+    """Real (tiny) fits with pruning and the end-of-run evaluation, then the report on them."""
+    from prunerl.fit import fit
+
+    runs = tmp_path / "runs"
+    for sparsity in (0.0, 0.5):
+        for seed in (0, 1):
+            fit(small_cfg("pruning=magnitude", f"pruning.final_sparsity={sparsity}", f"seed={seed}",
+                          "evaluation.attacks=[random,mad]", "evaluation.episodes=2",
+                          run_dir=runs / f"s{sparsity}_seed{seed}"))
+    (runs / "crashed").mkdir()
+    (runs / "crashed" / "config.yaml").write_text("env: {name: inverted_pendulum}\n")
+    out = tmp_path / "report"
+    result = report(runs, out)
+    assert result["runs"] == 4
+    assert [p for p, _ in result["problems"]] == [str(runs / "crashed")]
+    (row,) = result["table2"]
+    assert row["env"] == "inverted_pendulum" and row["method"] == "magnitude" and row["seeds"] == 2
+    assert row["sweet_spot"] in (0.0, 0.5)
+    for name in ("summary.md", "table2_sweet_spots.md", "table3_worst_seed.md", "aggregated.csv",
+                 "fig2_frontier_inverted_pendulum.png", "fig3_attacks_inverted_pendulum.png",
+                 "lipschitz_inverted_pendulum.png"):
+        assert (out / name).stat().st_size > 0, name
+    csv_text = (out / "aggregated.csv").read_text()
+    assert "random_mean" in csv_text and "mad_mean" in csv_text and "lipschitz_mean" in csv_text
