@@ -45,9 +45,16 @@ def test_fit_writes_the_run_directory_contract(small_cfg, tmp_path):
     assert [r["step"] for r in rows] == [16, 32]  # t = rollouts × epochs × minibatches
 
 
-def test_kappa_zero_skips_the_sa_loop(small_cfg):
+def test_kappa_zero_skips_the_sa_loop(small_cfg, tmp_path, monkeypatch):
+    from prunerl import module
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the SA inner maximisation ran with κ = 0")
+
+    monkeypatch.setattr(module, "sa_regularizer", must_not_run)
     summary = fit(small_cfg("algo.kappa=0"))
     assert summary["kappa"] == 0
+    assert not any(k.startswith("sa/") for row in read_metrics(tmp_path / "run") for k in row)
 
 
 def test_rollouts_use_the_newest_weights(small_cfg, monkeypatch):
