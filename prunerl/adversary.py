@@ -44,10 +44,7 @@ class AdversaryEnv(EnvBase):
         self.victim = victim.eval().requires_grad_(False)
         self.inner = MujocoVecEnv(TASKS[task].env_id, num_envs, seed=seed)
         d = self.inner.obs_dim
-        self.victim_norm = RunningNormalizer(d, num_envs, clip=clip_obs)
-        self.victim_norm.load_state_dict(
-            {k: v for k, v in victim_normalizer.items() if k != "running_return"}, strict=False)
-        self.victim_norm.freeze()
+        self.victim_norm = RunningNormalizer(d, num_envs, clip=clip_obs).load_statistics(victim_normalizer).freeze()
         n = (num_envs,)
         self.observation_spec = Composite(
             observation=Unbounded(shape=n + (d,), dtype=torch.float32),

@@ -256,6 +256,12 @@ class RunningNormalizer(Transform):
         self.register_buffer("ret_count", torch.tensor(1e-4, dtype=torch.float64))
         self.register_buffer("running_return", torch.zeros(num_envs, dtype=torch.float64))
 
+    def load_statistics(self, state: dict) -> "RunningNormalizer":
+        """Load a checkpoint's observation/return statistics, but not its per-env running
+        return (that belongs to the training envs, whose number may differ from these)."""
+        self.load_state_dict({k: v for k, v in state.items() if k != "running_return"}, strict=False)
+        return self
+
     def freeze(self) -> "RunningNormalizer":
         self.frozen = True
         return self

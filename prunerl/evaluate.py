@@ -123,7 +123,7 @@ def learned_adversary(victim_path: Path, actor: GaussianActor, task: str, eps: f
             fit(cfg)
     adv, adv_norm_state, _ = actor_from_checkpoint(load_checkpoint(last))
     norm = RunningNormalizer(adv.mean_net[0].in_features, 1)
-    norm.load_state_dict({k: v for k, v in adv_norm_state.items() if k != "running_return"}, strict=False)
+    norm.load_statistics(adv_norm_state)
     device = next(actor.parameters()).device
     return adv.to(device).eval(), norm.to(device).freeze()
 

@@ -20,9 +20,7 @@ def frozen_env(normalizer_state: dict, task: str, num_envs: int, seed: int):
     """The task's batched env with the checkpoint's normaliser loaded and frozen."""
     env = make_env(task, num_envs, seed)
     norm = normalizer_of(env)
-    # the per-env running return (reward scaling) belongs to the training envs, not to these
-    norm.load_state_dict({k: v for k, v in normalizer_state.items() if k != "running_return"}, strict=False)
-    norm.freeze()
+    norm.load_statistics(normalizer_state).freeze()
     return env
 
 
