@@ -272,13 +272,23 @@ class RunningNormalizer(Transform):
 
     @staticmethod
     def _update(mean, var, count, x):
-        # Chan et al. parallel update of mean/variance with a batch x (first dim is the batch).
-        b_mean, b_var, b_count = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        """Chan et al. parallel update of mean/variance with a batch ``x`` (first dim is the batch).
+
+        ``mean``, ``var``, ``count`` are float64 CPU buffers, updated in place through NumPy views
+        (on arrays this small NumPy's per-call cost is a fraction of torch's: this runs twice per
+        env step)."""
+        mean, var, count = mean.numpy(), var.numpy(), count.numpy()
+        x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        n = x.shape[0]
+        b_mean = np.add.reduce(x, 0) / n
+        d = x - b_mean
+        b_m2 = np.add.reduce(d * d, 0)  # n × the batch's (population) variance
+        c = float(count)
+        tot = c + n
         delta = b_mean - mean
-        tot = count + b_count
-        mean.add_(delta * b_count / tot)
-        var.copy_((var * count + b_var * b_count + delta.pow(2) * count * b_count / tot) / tot)
-        count.fill_(tot)
+        var[...] = (var * c + b_m2 + delta * delta * (c * n / tot)) / tot
+        mean += delta * (n / tot)
+        count[...] = tot
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         """Normalise raw observations with the current statistics (no update)."""
@@ -295,13 +305,16 @@ class RunningNormalizer(Transform):
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
         obs = next_tensordict.get("observation")
         if not self.frozen:
-            self._update(self.obs_mean, self.obs_var, self.obs_count, obs.to(torch.float64).reshape(-1, obs.shape[-1]))
+            self._update(self.obs_mean, self.obs_var, self.obs_count,
+                         obs.numpy().reshape(-1, obs.shape[-1]).astype(np.float64))
         next_tensordict.set("observation", self.normalize(obs))
         if self.scale_reward:
             reward = next_tensordict.get("reward")
             if not self.frozen:
-                self.running_return.mul_(self.gamma).add_(reward.reshape(-1).to(torch.float64))
-                self._update(self.ret_mean, self.ret_var, self.ret_count, self.running_return)
+                running = self.running_return.numpy()
+                running *= self.gamma
+                running += reward.numpy().reshape(-1)
+                self._update(self.ret_mean, self.ret_var, self.ret_count, running)
             scale = (self.ret_var + self.eps).sqrt().to(torch.float32)
             next_tensordict.set("reward", (reward / scale).clamp(-self.clip, self.clip))
         return next_tensordict
