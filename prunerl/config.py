@@ -98,6 +98,12 @@ def validate_fit(cfg: DictConfig) -> None:
         if task != env.name:
             raise ConfigError(f"resume={cfg.resume} is a checkpoint of env={task}, "
                               f"but this run is env={env.name}")
+        groups = [g for st in ckpt.get("optimizer_states", []) for g in st.get("param_groups", [])]
+        if [len(g["params"]) for g in groups] != [1]:
+            raise ConfigError(f"resume={cfg.resume} holds optimiser state for "
+                              f"{sum(len(g['params']) for g in groups)} parameter tensors; this PruneRL "
+                              "keeps one flat parameter buffer (written by an older version?) — "
+                              "`evaluate` still reads it, but a run cannot continue from it")
 
 
 def validate_pruning_cfg(p: DictConfig) -> None:

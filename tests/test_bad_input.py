@@ -56,6 +56,14 @@ def test_corrupt_checkpoint_for_resume(small_cfg, tmp_path):
     torch.save({"state_dict": {}}, other)
     with pytest.raises(ConfigError, match="is not a PruneRL checkpoint"):
         fit(small_cfg(f"resume={other}"))
+    # a checkpoint with per-tensor optimiser state (before the flat parameter buffer)
+    cfg = small_cfg()
+    old = tmp_path / "old.ckpt"
+    torch.save({"prunerl": {"config": {"env": {"name": cfg.env.name}}}, "state_dict": {},
+                "optimizer_states": [{"state": {}, "param_groups": [{"params": list(range(13))}]}]}, old)
+    with pytest.raises(ConfigError, match="optimiser state for 13 parameter tensors"):
+        fit(small_cfg(f"resume={old}"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_directory_is_not_overwritten(small_cfg, tmp_path):
