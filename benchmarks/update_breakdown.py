@@ -78,7 +78,7 @@ def bare_update(flat: bool):
         obs = mb["observation"]
         mean = actor(obs)
         terms = ppo_loss_terms(actor.log_prob(mean, mb["action"]), mb["sample_log_prob"], mb["advantage"],
-                               critic(obs), mb["value_target"], 0.2, True)
+                               critic(obs), mb["value_target"], 0.2, True, diagnostics=False)
         loss = terms["loss_objective"] + 0.5 * terms["loss_critic"]
         if flat:
             fp.zero_grad()

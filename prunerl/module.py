@@ -12,7 +12,7 @@ import torch
 from tensordict import TensorDictBase
 
 from prunerl.models import Critic, GaussianActor
-from prunerl.ppo import ppo_loss_terms
+from prunerl.ppo import ppo_diagnostics, ppo_loss_terms
 from prunerl.sa import sa_regularizer
 
 
@@ -34,6 +34,7 @@ class PPOModule(L.LightningModule):
         self.kappa, self.eps = kappa, eps
         self.sa_steps, self.sa_step_ratio, self.eps_ramp = sa_steps, sa_step_ratio, eps_ramp
         self._step_metrics: list[torch.Tensor] = []
+        self._log_ratios: list[torch.Tensor] = []  # this rollout's log r, for ppo_diagnostics
         # figures callbacks (pruning, Lipschitz) add to this rollout's metrics row; merged and
         # cleared in on_train_epoch_end (callbacks' epoch-end hooks run before the module's)
         self.rollout_metrics: dict[str, float] = {}
@@ -69,8 +70,12 @@ class PPOModule(L.LightningModule):
         mean = self.actor(obs)
         logp = self.actor.log_prob(mean, batch["action"])
         value = self.critic(obs)
+        # approx-KL and clip fraction once per rollout over all its updates' samples (the mean of
+        # the per-minibatch figures; equal minibatches), not 8 small ops in every update
         terms = ppo_loss_terms(logp, batch["sample_log_prob"], batch["advantage"], value,
-                               batch["value_target"], self.clip, self.normalize_advantage)
+                               batch["value_target"], self.clip, self.normalize_advantage,
+                               diagnostics=False)
+        self._log_ratios.append(terms.pop("log_ratio"))
         loss = terms["loss_objective"] + self.vf_coef * terms["loss_critic"]
         if self.ent_coef != 0:
             entropy = self.actor.entropy()
@@ -122,6 +127,10 @@ class PPOModule(L.LightningModule):
             self._step_metrics.clear()
             for name, v in zip(self._metric_names, means):
                 row[_METRIC_PREFIX.get(name, "ppo/") + name] = v
+        if self._log_ratios:
+            diag = ppo_diagnostics(torch.cat(self._log_ratios), self.clip)
+            self._log_ratios.clear()
+            row.update({"ppo/" + k: float(v) for k, v in diag.items()})
         row.update(self.rollout_metrics)
         self.rollout_metrics.clear()
         for logger in self.loggers:

@@ -107,3 +107,17 @@ def test_flat_parameters_reattach_dropped_grads_and_refuse_moved_storage():
     actor.mean_net[0].weight.data = actor.mean_net[0].weight.data.clone()
     with pytest.raises(RuntimeError, match="no longer lives in the flat parameter buffer"):
         flat.check()
+
+
+def test_diagnostics_over_a_rollout_are_the_mean_of_the_minibatch_figures():
+    """The module logs approx-KL and clip fraction once per rollout from all its log-ratios; with
+    equal minibatches that is the mean of what each minibatch would have reported."""
+    from prunerl.ppo import ppo_diagnostics
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [0.3 * torch.randn(64, generator=g) for _ in range(8)]
+    per_mb = [ppo_diagnostics(c, 0.2) for c in chunks]
+    whole = ppo_diagnostics(torch.cat(chunks), 0.2)
+    for k in ("approx_kl", "clip_fraction"):
+        assert torch.isclose(whole[k], torch.stack([d[k] for d in per_mb]).mean()), k
+    assert 0 < float(whole["clip_fraction"]) < 1
