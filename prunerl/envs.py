@@ -73,6 +73,11 @@ class MujocoVecEnv(EnvBase):
         self.env_id = env_id
         self.num_envs = num_envs
         self.envs = [gym.make(env_id, disable_env_checker=True) for _ in range(num_envs)]
+        # One MjModel for all envs (they are identical; MuJoCo reads the model, the state lives in
+        # each env's MjData): a Hopper model is ~0.5 MB, 32 copies would stream 16 MB through the
+        # caches every step. Bit-identical trajectories (tests/test_envs.py).
+        for env in self.envs[1:]:
+            env.unwrapped.model = self.envs[0].unwrapped.model
         obs_dim = self.envs[0].observation_space.shape[0]
         act_space = self.envs[0].action_space
         self._low = act_space.low.astype(np.float64)

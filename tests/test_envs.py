@@ -112,3 +112,30 @@ def test_running_statistics_match_numpy():
         norm._update(norm.obs_mean, norm.obs_var, norm.obs_count, torch.as_tensor(chunk))
     assert np.allclose(norm.obs_mean.numpy(), xs.mean(0), atol=1e-3)
     assert np.allclose(norm.obs_var.numpy(), xs.var(0), rtol=1e-3)
+
+
+def test_envs_share_one_model_and_step_like_independent_gymnasium_envs():
+    """The batched env steps all its envs with one MjModel; each env's trajectory is bit-identical
+    to a standalone Gymnasium env's with the same seed and actions."""
+    import gymnasium as gym
+
+    n, steps = 3, 60
+    env = MujocoVecEnv("Walker2d-v5", n, seed=7)
+    assert len({id(e.unwrapped.model) for e in env.envs}) == 1
+    refs = [gym.make("Walker2d-v5", disable_env_checker=True) for _ in range(n)]
+    ref_obs = np.stack([r.reset(seed=7 + i)[0] for i, r in enumerate(refs)])
+    td = env.reset()
+    assert np.array_equal(td["observation"].numpy(), ref_obs.astype(np.float32))
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        act = rng.uniform(-1, 1, size=(n, 6)).astype(np.float32)
+        td["action"] = torch.from_numpy(act)
+        out = env.step(td)["next"]
+        for i, r in enumerate(refs):
+            o, rew, term, trunc, _ = r.step(act[i].astype(np.float64))
+            assert np.array_equal(out["observation"][i].numpy(), o.astype(np.float32))
+            assert out["reward"][i].item() == np.float32(rew)
+            assert bool(out["terminated"][i]) == term
+            if term or trunc:
+                return  # episode over: the comparison above covered it
+        td = out.clone()
