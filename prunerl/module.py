@@ -146,7 +146,7 @@ class FlatParameters:
     """Parameters as views of one flat buffer, and their gradients as views of another.
 
     Gradient clipping, zeroing and Adam then touch one tensor instead of one per layer: the same
-    arithmetic (the global norm to float rounding) for ~0.25 ms less per 64x64 update on a CPU core
+    arithmetic (the global norm to float rounding) for 0.1–0.3 ms less per 64x64 update on a CPU core
     (benchmarks/README.md). The modules keep their own ``Parameter`` objects — state dicts,
     pruning masks (applied in place), the collector's policy see no difference; only the storage
     moved. Autograd accumulates into an existing ``.grad`` in place, so gradients land in the flat
