@@ -107,7 +107,8 @@ def fit(cfg: DictConfig) -> dict:
         adam_eps=algo.adam_eps, clip=algo.clip, vf_coef=algo.vf_coef, ent_coef=algo.ent_coef,
         max_grad_norm=algo.max_grad_norm, normalize_advantage=algo.normalize_advantage,
         kappa=algo.kappa, eps=task_eps(cfg), sa_steps=algo.sa.steps, sa_step_ratio=algo.sa.step_ratio,
-        eps_ramp=algo.sa.eps_ramp,
+        eps_ramp=algo.sa.eps_ramp, anneal_lr=bool(algo.get("anneal_lr", False)),
+        updates_per_rollout=dm.updates_per_rollout,
     )
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
 

@@ -108,3 +108,18 @@ def test_resumed_run_matches_unsplit_run_exactly(small_cfg, tmp_path):
     sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     for k in sa:
         assert torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"])
+
+
+def test_anneal_lr_falls_linearly_per_rollout_and_resumes(small_cfg, tmp_path):
+    """algo.anneal_lr: rollout k of K trains at lr·(1 − k/K) (SA-PPO / CleanRL); a resumed run picks
+    up the schedule where it stopped; without it the lr stays constant."""
+    over = ("total_frames=4096", "algo.anneal_lr=true", "algo.lr=1e-3", "callbacks.evaluation=null",
+            "checkpoint.every_n_rollouts=1")
+    fit(small_cfg(*over, run_dir=tmp_path / "a"))
+    lrs = [r["train/lr"] for r in read_metrics(tmp_path / "a") if "train/lr" in r]
+    assert lrs == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+    fit(small_cfg(*over, f"resume={tmp_path / 'a' / 'checkpoints' / 'rollout00001-t32.ckpt'}",
+                  run_dir=tmp_path / "b"))
+    assert [r["train/lr"] for r in read_metrics(tmp_path / "b") if "train/lr" in r] == pytest.approx([0.5e-3, 0.25e-3])
+    fit(small_cfg("total_frames=4096", "algo.lr=1e-3", "callbacks.evaluation=null", run_dir=tmp_path / "c"))
+    assert [r["train/lr"] for r in read_metrics(tmp_path / "c") if "train/lr" in r] == pytest.approx([1e-3] * 4)
