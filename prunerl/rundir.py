@@ -33,6 +33,14 @@ class RunDir:
         """What of a previous run already stands here (a new run must not overwrite it)."""
         return [m for m in RUN_MARKERS if (self.path / m).exists()]
 
+    def move_aside(self) -> Path:
+        """Rename this run dir to ``<name>.partial-<k>`` (nothing written is lost); return the new path."""
+        k = 0
+        while (target := self.path.with_name(f"{self.path.name}.partial-{k}")).exists():
+            k += 1
+        self.path.rename(target)
+        return target
+
     def write_config(self, cfg: DictConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
