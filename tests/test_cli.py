@@ -31,7 +31,17 @@ def test_fit_then_evaluate_round_trip(tmp_path):
     run = tmp_path / "run"
     r = cli("fit", *SMALL, f"hydra.run.dir={run}")
     assert r.returncode == 0, r.stderr
-    assert "done: 2048 frames" in r.stdout
+    # fit prints what it found: the returns (clean, per attack, worst), sparsity, L̃, bound, run dir
+    summary = json.loads((run / "summary.json").read_text())
+    out = r.stdout[r.stdout.index("done: InvertedPendulum-v5"):]
+    assert "2,048 frames" in out and str(run) in out
+    lines = {ln.split()[0]: ln for ln in out.splitlines()[1:] if ln.strip()}
+    for name, value in [("clean", summary["clean_return"]), *summary["attack_returns"].items()]:
+        assert lines[name].split()[1] == f"{value:,.0f}", (name, lines[name])
+    worst = min(summary["attack_returns"].values())
+    assert lines["robust"].split()[2] == f"{worst:,.0f}"
+    assert f"sparsity {summary['sparsity']['global']:.2f}" in out
+    assert f"L̃ actor {summary['lipschitz_surrogate']:.3g}" in out
     ckpt = run / "checkpoints" / "last.ckpt"
     r = cli("evaluate", f"checkpoint={ckpt}", "episodes=4", "deterministic=false")
     assert r.returncode == 0, r.stderr
