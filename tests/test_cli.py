@@ -73,3 +73,18 @@ def test_loggers_write_into_the_run_dir(small_cfg, tmp_path, monkeypatch, logger
     assert (tmp_path / "run" / "metrics.jsonl").exists()
     if logger == "wandb":
         assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_format_summary_names_the_worst_attack_and_the_average():
+    from prunerl.rundir import format_summary
+
+    out = format_summary({"env_id": "Hopper-v5", "kappa": 0.3, "seed": 0, "frames": 1000, "wall_time_s": 10.0,
+                          "sps": 100.0, "train_return": 900.0, "clean_return": 1000.0,
+                          "attack_returns": {"random": 950.0, "rs": 300.0, "mad": 700.0},
+                          "evaluation": {"episodes": 50, "deterministic": True, "eps": 0.075},
+                          "sparsity": {"global": 0.5, "actor": 0.5, "critic": 0.5}, "pruning_method": "magnitude",
+                          "lipschitz_surrogate": 12.5, "certified_bound": 3.1e5, "certified_bound_ball": "linf",
+                          "eps": 0.075}, "RUN")
+    robust = next(ln for ln in out.splitlines() if "robust (worst)" in ln)
+    assert robust.split()[2] == "300" and "(rs)" in robust and "average over attacks 650" in robust
+    assert "50 episodes, a = μ(ŝ)" in out and "ℓ∞ ball, ε = 0.075" in out and out.endswith("-> RUN")
