@@ -246,4 +246,6 @@ def test_a_real_runs_certified_bound_is_for_the_attacks_linf_ball(small_cfg, tmp
     assert rows and "lipschitz/local_bound" not in {k for r in read_metrics(run) for k in r}
     for r in rows:
         assert 0 < r["lipschitz/local_estimate"] <= r["lipschitz/certified_bound"]
+        assert r["lipschitz/local_estimate"] == pytest.approx(alpha * c * r["lipschitz/jacobian_linf_max"] * eps, rel=1e-6)
+        assert r["lipschitz/jacobian_linf_max"] > r["lipschitz/jacobian_max"]  # ‖|J|𝟙‖₂ ≥ ‖J‖_F ≥ ‖J‖_op
         assert r["lipschitz/certified_bound"] == pytest.approx(alpha * c * r["lipschitz/surrogate_linf_actor"] * eps, rel=1e-6)
