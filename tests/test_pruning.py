@@ -86,6 +86,21 @@ def test_nested_masks_prune_exactly_the_scheduled_number_at_every_update(shapes,
         prev = m
 
 
+def test_layer_counts_honour_what_each_layer_already_pruned_and_keep_the_total():
+    # 2 layers of 16 at 25%: 4 each — but the first already pruned 6 (say, the masks came from
+    # global allocation): it keeps its 6 and the other gives the difference back
+    assert layer_prune_counts([(4, 4), (4, 4)], 0.25, "layer") == [4, 4]
+    assert layer_prune_counts([(4, 4), (4, 4)], 0.25, "layer", at_least=[6, 0]) == [6, 2]
+    assert layer_prune_counts([(4, 4), (4, 4)], 0.25, "layer", at_least=[6, 3]) == [6, 3]  # 9 > 8: no fewer
+    g = torch.Generator().manual_seed(1)
+    w = {"a": torch.randn(8, 8, generator=g), "b": torch.randn(8, 8, generator=g) * 10}
+    prev = compute_masks({k: v.abs() for k, v in w.items()}, 0.3, "global")  # mostly layer a
+    assert int((~prev["a"]).sum()) > 25
+    m = compute_masks({k: v.abs() for k, v in w.items()}, 0.4, "layer", prev)
+    assert sum(int((~x).sum()) for x in m.values()) == round(0.4 * 128)
+    assert not any((m[k] & ~prev[k]).any() for k in m)
+
+
 def test_saliency_ranks_by_abs_weight_times_gradient():
     w = {"l": torch.tensor([[1.0, -4.0, 0.5, 2.0]])}
     g = {"l": torch.tensor([[3.0, 0.1, -10.0, -0.2]])}

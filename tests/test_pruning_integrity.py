@@ -187,6 +187,42 @@ def test_magnitude_ste_trains_its_dense_copy_with_the_dense_gradient():
     assert cb.checks == dict.fromkeys(CHECKS, 0)
 
 
+class RawGradients(L.Callback):
+    """Listed before the pruning callback: each update's weights and raw gradients (before the
+    pruning callback masks them and before the module clips them)."""
+
+    def __init__(self):
+        self.at: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def on_after_backward(self, trainer, pl_module):
+        cb = next(c for c in trainer.callbacks if isinstance(c, PruningCallback))
+        self.at[trainer.global_step + 1] = {n: (p.detach().clone(), p.grad.detach().clone()) for n, p in cb.params.items()}
+
+
+class SaliencySums(L.Callback):
+    def __init__(self):
+        self.at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        cb = next(c for c in trainer.callbacks if isinstance(c, PruningCallback))
+        self.at[trainer.global_step] = {n: s.clone() for n, s in cb.saliency_sum.items()}
+
+
+def test_saliency_scores_use_the_raw_gradient_before_masking_and_clipping():
+    actor, critic = _nets()
+    module = _module(actor, critic, STEPS)
+    raw, sums = RawGradients(), SaliencySums()
+    cb = PruningCallback("saliency", final_sparsity=0.7, burn_in=0.0, interval=2)  # mask updates at t = 2, 4
+    _fit(module, _batches(STEPS), [raw, cb, sums])
+    assert cb.mask_updates == 2
+    for t in (1, 3):  # the first update of each saliency window (the sums restart after a mask update)
+        assert set(sums.at[t]) == set(cb.params)
+        for n, (w, g) in raw.at[t].items():
+            assert torch.equal(sums.at[t][n], (w * g).abs()), (t, n)
+    # the clip did scale those gradients (so clipped ones would rank differently over a window)
+    assert all(float(torch.cat([g.reshape(-1) for _, g in raw.at[t].values()]).norm()) > MAX_GRAD_NORM for t in (1, 3))
+
+
 class LeakGradient(L.Callback):
     """Fault: something adds to the gradient after the pruning callback masked it."""
 
