@@ -42,6 +42,7 @@ class PPOModule(L.LightningModule):
         # figures callbacks (pruning, Lipschitz) add to this rollout's metrics row; merged and
         # cleared in on_train_epoch_end (callbacks' epoch-end hooks run before the module's)
         self.rollout_metrics: dict[str, float] = {}
+        self.grad_norm: torch.Tensor | None = None  # the last update's global grad norm, before clipping
         self._metric_names: list[str] = []
 
     def __setattr__(self, name, value):
@@ -105,10 +106,12 @@ class PPOModule(L.LightningModule):
 
         opt = self.optimizers()
         self.flat.zero_grad()
+        # Lightning runs the callbacks' on_after_backward inside manual_backward: the pruning
+        # callback zeroes pruned entries' gradients there, before this clip
         self.manual_backward(loss)
         # What ``self.clip_gradients(opt, max_grad_norm, "norm")`` does for 32-bit training: the
-        # global norm of all gradients — here the norm of the one flat gradient.
-        torch.nn.utils.clip_grad_norm_([self.flat.param], self.max_grad_norm, foreach=True)
+        # global norm of all gradients — here the norm of the one flat gradient (kept, unsynced).
+        self.grad_norm = torch.nn.utils.clip_grad_norm_([self.flat.param], self.max_grad_norm, foreach=True)
         opt.step()
 
         # Accumulate cheaply; logged once per rollout (self.log per step costs more than a step).
