@@ -45,7 +45,8 @@ def run_once(variant: str, frames: int, kappa: float, workdir: Path, k: int) -> 
     s = json.loads((run_dir / "summary.json").read_text())
     return {"variant": variant, "repeat": k, "fit_wall_s": s["wall_time_s"], "process_wall_s": total,
             "sparsity": s["sparsity"]["global"], "mask_updates": s.get("pruning", {}).get("mask_updates", 0),
-            "violations": s.get("lipschitz", {}).get("monotonicity_violations")}
+            "thm1_sanity_violations": s.get("lipschitz", {}).get("thm1_sanity_violations"),
+            "pruning_checks": s.get("pruning_checks")}
 
 
 def callback_share(frames: int, kappa: float, workdir: Path) -> dict:
