@@ -124,9 +124,28 @@ def make_figures(a: Analysis, out: Path, suffix: str) -> list[Path]:
         if ok.any():
             ax.fill_between(x[ok], lo_hi[ok, 0], lo_hi[ok, 1], alpha=0.2, color=line.get_color())
 
-    main = [cv for cv in a.curves if cv.kappa == main_k]
+    # one curve per method in Figs. 2–4 and the L̃ figure: its variant with the most runs (the
+    # methods sweep's interval); the other intervals are Fig. 5's
+    runs_of = defaultdict(int)
+    for r in a.setting.runs:
+        runs_of[(r.method, r.variant)] += 1
+    primary = {}
+    for cv in a.curves:
+        best = primary.get(cv.method)
+        if best is None or (runs_of[(cv.method, cv.variant)], repr(best)) > (runs_of[(cv.method, best)], repr(cv.variant)):
+            primary[cv.method] = cv.variant
+    curves = [cv for cv in a.curves if primary[cv.method] == cv.variant]
+    main = [cv for cv in curves if cv.kappa == main_k]
     if not main:
         return files
+
+    def grid(n):
+        cols = min(n, 3)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+        for ax in axes.flat[n:]:
+            ax.set_visible(False)
+        return fig, list(axes.flat)
     base_text = main[0].ref_text
     # Fig. 2: normalised clean and robust (avg, worst) vs sparsity, per method
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharex=True)
@@ -144,26 +163,26 @@ def make_figures(a: Analysis, out: Path, suffix: str) -> list[Path]:
 
     # Fig. 3: per attack, return vs sparsity, per method
     panels = [("clean", "clean"), *((f"attack:{x}", x) for x in a.attacks), ("worst", "worst attack")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
-    for ax, (stat, name) in zip(axes[0], panels):
+    fig, axes = grid(len(panels))
+    for ax, (stat, name) in zip(axes, panels):
         for cv in main:
             band(ax, cv.points, stat, label=_label(cv.method, labels[cv.variant]))
         ax.set(xlabel="sparsity (%)", ylabel="return", title=f"{title}: {name}")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, title=lvl, title_fontsize=7)
+    axes[0].legend(fontsize=8, title=lvl, title_fontsize=7)
     save(fig, f"fig3_attacks_{suffix}.png")
 
     # Fig. 4: with and without SA (κ = 0 vs κ > 0), per attack
-    kappas = sorted({cv.kappa for cv in a.curves})
+    kappas = sorted({cv.kappa for cv in curves})
     if len(kappas) > 1:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
-        for ax, (stat, name) in zip(axes[0], panels):
-            for cv in a.curves:
+        fig, axes = grid(len(panels))
+        for ax, (stat, name) in zip(axes, panels):
+            for cv in curves:
                 band(ax, cv.points, stat, label=_label(cv.method, labels[cv.variant], cv.kappa),
                      ls="-" if cv.kappa > 0 else "--")
             ax.set(xlabel="sparsity (%)", ylabel="return", title=f"{title}: {name}, with/without SA")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7, title=lvl, title_fontsize=7)
+        axes[0].legend(fontsize=7, title=lvl, title_fontsize=7)
         save(fig, f"fig4_sa_{suffix}.png")
 
     # Fig. 5: mask-update interval ablation (methods with several intervals)
@@ -189,7 +208,7 @@ def make_figures(a: Analysis, out: Path, suffix: str) -> list[Path]:
     # L̃ and the certified bound vs sparsity
     if any(math.isfinite(p.stats["lipschitz"][0]) for cv in a.curves for p in cv.points):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for cv in a.curves:
+        for cv in curves:
             lab = _label(cv.method, labels[cv.variant], cv.kappa)
             band(axes[0], cv.points, "lipschitz", label=lab)
             band(axes[1], cv.points, "bound", label=lab)
@@ -311,7 +330,8 @@ def _run_rows(rs: RunSet, sets: list[Setting]) -> list[dict]:
 
 
 def _setting_heading(a: Analysis, n_settings: int) -> str:
-    return f"### {a.setting.id}: {a.setting.label}" if n_settings > 1 else f"*{a.setting.label}.*"
+    label = a.setting.label_for(mode_text(a))
+    return f"### {a.setting.id}: {label}" if n_settings > 1 else f"*{label}.*"
 
 
 def _tables_md(analyses: list[Analysis], which: str) -> str:
@@ -394,6 +414,11 @@ def _summary_md(runs_dir, rs: RunSet, sets, primary, stochastic, verdicts, figs,
     return "\n".join(lines)
 
 
+def _who(v: dict, multi: bool) -> str:
+    who = (f"{v['setting']}, " if multi else f"{v['env']}, ") + f"κ={v['kappa']:g}, {v['method']}"
+    return who + (f" (Δt={v['interval']})" if v["interval"] else "")
+
+
 def _verdict_md(primary: list[Analysis], verdicts: list[dict]) -> list[str]:
     if not verdicts:
         return ["No pruned runs: nothing to decide.", ""]
@@ -401,9 +426,7 @@ def _verdict_md(primary: list[Analysis], verdicts: list[dict]) -> list[str]:
              f"Robust (worst) above 1, its CI excluding 1, and Clean ≥ {CLEAN_FLOOR}?", ""]
     multi = len(primary) > 1
     for v in verdicts:
-        who = (f"{v['setting']}, " if multi else f"{v['env']}, ") + f"κ={v['kappa']:g}, {v['method']}"
-        if v["interval"]:
-            who += f" (Δt={v['interval']})"
+        who = _who(v, multi)
         facts = (f"sweet spot {_fmt(v['sweet_spot'], pct=True)}: score {_fmt_ci(v, 'score')}, "
                  f"Clean {_fmt_ci(v, 'clean')}, Robust (worst) {_fmt_ci(v, 'robust_worst')}, "
                  f"Norm. robust (avg) {_fmt_ci(v, 'norm_robust_avg')}, {v['seeds']} seeds; "
@@ -413,7 +436,7 @@ def _verdict_md(primary: list[Analysis], verdicts: list[dict]) -> list[str]:
             line += f" Compared with the {v['verdict_paper']}."
         lines.append(line)
     def names(vs):
-        return ", ".join(f"{v['env']} κ={v['kappa']:g} {v['method']}" for v in vs)
+        return ", ".join(_who(v, multi) for v in vs)
 
     found = [v for v in verdicts if v["verdict_effect"] is True]
     open_ = [v for v in verdicts if v["verdict_effect"] is None]

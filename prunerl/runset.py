@@ -278,11 +278,12 @@ class Setting:
 
     @property
     def label(self) -> str:
+        return self.label_for({True: "deterministic", False: "stochastic"}.get(self.headline["deterministic"], "?"))
+
+    def label_for(self, mode: str) -> str:
         h = self.headline
-        mode = {True: "deterministic", False: "stochastic"}.get(h["deterministic"], "?")
-        text = (f"{h['env_id'] or self.task}, ε = {_g(h['eps'])}, {h['frames']} frames, {mode} evaluation, "
+        return (f"{h['env_id'] or self.task}, ε = {_g(h['eps'])}, {h['frames']} frames, {mode} evaluation, "
                 f"{h['episodes']} episodes, attacks: {', '.join(h['attacks']) or 'none'}")
-        return text
 
 
 def _g(x):

@@ -174,6 +174,8 @@ def test_kappa0_is_normalised_to_the_sa_trained_dense_run_by_default(tmp_path, w
     assert t2[0.3]["clean"] == pytest.approx(1.0)
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "normalised to the unpruned SA-trained run, κ=0.3" in md
+    for name in ("fig2_frontier_hopper.png", "fig3_attacks_hopper.png", "fig4_sa_hopper.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
 
 
 def test_same_kappa_normalises_each_kappa_to_its_own_dense_run(tmp_path, write_run):
@@ -352,7 +354,7 @@ def test_no_stochastic_table_without_stochastic_figures(tmp_path, write_run):
 # -- the verdict -------------------------------------------------------------------------------
 @pytest.mark.parametrize("pruned, seeds, expect, overall", [
     ({"clean": 100, "mad": [80, 82, 84]}, 3, "present: at 30% the worst-attack return is 1.64× the baseline's "
-     "(CI [1.60, 1.68] excludes 1) at 1.00 of its clean return", "**The effect is present** in hopper κ=0.3 magnitude"),
+     "(CI [1.60, 1.68] excludes 1) at 1.00 of its clean return", "**The effect is present** in hopper, κ=0.3, magnitude (Δt=15)."),
     ({"clean": 100, "mad": [40, 55, 70]}, 3, "not shown: worst-attack 1.10×, CI [0.80, 1.40] includes 1",
      "**The effect is absent here**"),
     ({"clean": 90, "mad": [45, 45, 45]}, 3, "absent: no pruned sparsity scores above the unpruned run",
