@@ -151,6 +151,20 @@ def test_worst_seed_is_the_lowest_seed_not_the_mean(tmp_path, write_run):
     assert row["worst_seed_norm"] == pytest.approx((40 / 50 + 80 / 80) / 2)
 
 
+def test_robust_worst_is_each_seeds_worst_attack_and_ties_pick_the_smaller_sparsity(tmp_path, write_run):
+    runs = tmp_path / "runs"
+    cell(runs, write_run, "dense", method="none", sparsity=0.0, cleans=[100] * 3, mads=[50] * 3, randoms=[50] * 3)
+    # each seed has another worst attack: per seed 40, 40, 80 (mean 53.3); per attack the means are 70 each
+    cell(runs, write_run, "m30", sparsity=0.3, cleans=[100] * 3, mads=[40, 90, 80], randoms=[90, 40, 80])
+    # exactly the same score as 30% (clean 1, robust (avg) 70/50), from other figures
+    cell(runs, write_run, "m50", sparsity=0.5, cleans=[100] * 3, mads=[70] * 3, randoms=[70] * 3)
+    (row,) = report(runs, tmp_path / "out")["table2"]
+    assert row["sweet_spot"] == 0.3  # a tie: the smaller sparsity
+    assert row["robust_worst"] == pytest.approx((40 + 40 + 80) / 3 / 50)
+    assert row["worst_return"] == pytest.approx((40 + 40 + 80) / 3)
+    assert row["norm_robust_avg"] == pytest.approx(70 / 50)
+
+
 # -- normalisation: the paper's (every κ to the unpruned SA-trained run) and the alternative --
 def with_kappa0(root, write_run):
     hand_made(root, write_run)
@@ -288,7 +302,7 @@ def test_learned_adversary_runs_are_skipped_not_read_as_dense_runs(tmp_path, wri
     (runs / "m30_s1" / ".hydra").mkdir()
     (runs / "m30_s1" / ".hydra" / "config.yaml").write_text("seed: ${oc.env:X}\n")  # Hydra's unresolved copy
     result = report(runs, tmp_path / "out")
-    assert result["runs"] == 9 and len(result["skipped"]) == 2
+    assert result["runs"] == 9 and len(result["skipped"]) == 2 and result["problems"] == []
     assert sorted(Path(p).name for p, _ in result["skipped"]) == ["last.adversary-3f2a", "my_adversary"]
     assert {r["kappa"] for r in result["table2"]} == {0.3}  # no κ = 0 curve made of adversaries
     assert result["table2"][0]["baseline"] == "pruning=none, κ=0.3 (3 seeds)"
