@@ -236,7 +236,7 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"out={out} is not writable ({probe} does not allow writing)")
 
 
-def check_options(normalize: str, baseline_kappa, resamples, level) -> None:
+def check_options(normalize: str, baseline_kappa, resamples, level, seed=0) -> None:
     if normalize not in NORMALIZE:
         raise ConfigError(f"normalize={normalize!r} is not allowed; allowed: {list(NORMALIZE)} "
                           "(sa: every κ to the unpruned SA-trained run, as the paper; same_kappa: each κ to its own)")
@@ -249,6 +249,8 @@ def check_options(normalize: str, baseline_kappa, resamples, level) -> None:
         raise ConfigError(f"resamples={resamples!r} must be an integer >= 0 (bootstrap replicates; 0: no CIs)")
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
         raise ConfigError(f"ci={level!r} must lie in (0, 1), e.g. 0.95")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"bootstrap_seed={seed!r} must be an integer >= 0")
 
 
 def report(runs_dir: str | Path, out_dir: str | Path, *, normalize: str = "sa", baseline_kappa: float | None = None,
@@ -258,7 +260,7 @@ def report(runs_dir: str | Path, out_dir: str | Path, *, normalize: str = "sa", 
     Raises :class:`ConfigError` (and writes nothing) when the options are bad, ``runs_dir`` is not a
     folder of run directories, or ``out_dir`` cannot be written."""
     runs_dir, out = Path(runs_dir), Path(out_dir)
-    check_options(normalize, baseline_kappa, resamples, ci_level)
+    check_options(normalize, baseline_kappa, resamples, ci_level, seed)
     if not runs_dir.is_dir():
         raise ConfigError(f"runs={runs_dir} is not a directory")
     rs = read_runs(runs_dir)

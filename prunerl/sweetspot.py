@@ -469,7 +469,7 @@ def verdict(row: dict, setting_task: str) -> dict:
                 f"clean {clean:.2f} < {CLEAN_FLOOR}")
         effect = False
     elif above and not has_ci:
-        text = f"not shown: worst-attack {rw:.2f}× but no CI (a cell has a single seed)"
+        text = f"not shown: worst-attack {rw:.2f}× but no CI (a cell with a single seed, or resamples=0)"
         effect = None
     elif above:
         text = f"not shown: worst-attack {rw:.2f}×, CI [{lo:.2f}, {hi:.2f}] includes 1"

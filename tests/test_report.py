@@ -463,6 +463,7 @@ def _report_cfg(**kw):
     ("out under a file", "cannot be created"),
     ("bad normalize", "normalize='paper' is not allowed; allowed: ['sa', 'same_kappa']"),
     ("absent baseline_kappa", "baseline_kappa=0.7: setting hopper has no runs at that κ (κ present: 0.3)"),
+    ("bad ci", "ci=95 must lie in (0, 1), e.g. 0.95"),
 ])
 def test_bad_report_input_is_one_clear_error_and_writes_nothing(tmp_path, write_run, case, message):
     from prunerl.cli import _report
@@ -492,6 +493,8 @@ def test_bad_report_input_is_one_clear_error_and_writes_nothing(tmp_path, write_
             kw["normalize"] = "paper"
         elif case == "absent baseline_kappa":
             kw["baseline_kappa"] = 0.7
+        elif case == "bad ci":
+            kw["ci"] = 95
     before = sorted(tmp_path.rglob("*"))
     with pytest.raises(ConfigError, match=None) as e:
         _report(_report_cfg(**kw))
