@@ -25,13 +25,14 @@ reported as separate settings). Within one setting, per κ, method and pruning v
   s_a is averaged over attacks (absolute, and normalised by the baseline's seed-mean R_a); the
   reported sparsity is the mode of the s_a (ties favour the smaller).
 
-Every figure carries a 95% confidence interval over seeds: a percentile bootstrap that resamples
+Every figure carries a confidence interval over seeds (95% by default): a bootstrap that resamples
 each cell's seeds with replacement (each cell — one κ, method, variant and sparsity — on its own,
-the baseline's too), recomputes every derived figure (ratios, sweet spots, Table 3's choices) on
-each of ``resamples`` replicates, and takes the central ``ci`` quantiles. The generator is seeded
-per cell, so a report is deterministic. A figure that rests on a cell with a single seed has no CI.
-Values *at the sweet spot* are the values at that sparsity (its choice is not re-made per
-replicate); how often each replicate picks the same sparsity is reported as the sweet spot's share.
+the baseline's too), recomputes every derived figure (ratios, Table 3's per-attack choices) on each
+of ``resamples`` replicates, and takes the *expanded* percentile interval (:func:`expanded_tail`):
+with 3–10 seeds the plain percentile interval is far too narrow. The generator is seeded per cell,
+so a report is deterministic. A figure that rests on a cell with a single seed has no CI. Values
+*at the sweet spot* are the values at that sparsity (its choice is not re-made per replicate); how
+often the replicates pick the same sparsity is reported as the sweet spot's share.
 """
 
 from __future__ import annotations
