@@ -1,18 +1,37 @@
 """Pruning while PPO(+SA) trains (Sec. 4.4, Alg. 1 lines 9–11), as a Lightning callback.
 
-After every optimiser step (``on_train_batch_end``, t = ``trainer.global_step``):
-1. the masks are reapplied, so pruned weights are exactly zero again whatever Adam's moments did;
-2. if t is a mask update of the schedule (cubic from 0 to ``final_sparsity`` between
+A pruned network trains exactly like a dense network of its surviving weights:
+1. after each backward (``on_after_backward``, which Lightning runs inside ``manual_backward``,
+   before the module clips the global gradient norm) the gradients of pruned entries are zeroed,
+   so they neither enter the clip norm nor Adam's moments;
+2. at each mask update and on resume, Adam's moments (``exp_avg``, ``exp_avg_sq``) of pruned
+   entries are zeroed, so an optimiser step leaves a pruned weight exactly at zero;
+3. after every optimiser step (``on_train_batch_end``, t = ``trainer.global_step``) the masks are
+   reapplied anyway, after counting any pruned weight the step left non-zero (a fault);
+4. if t is a mask update of the schedule (cubic from 0 to ``final_sparsity`` between
    t_start = ⌊burn_in·T⌋ and t_end = ⌈end·T⌉, every ``interval`` updates; ``interval=0``:
    one-shot), new masks are computed from the criterion's scores and applied, and listeners
    (the Lipschitz callback) are told, with the weights as they were just before.
 
 Magnitude-STE keeps dense weights here: the module always holds W⊙M (forward, rollouts,
 checkpoints' ``state_dict``, evaluation), the gradient of the masked weights is applied to the
-dense ones (straight-through: the dense weights are swapped in just before ``opt.step()`` and
-masked again right after), and the next mask update ranks the dense weights, so a pruned weight
-can come back. Masks, dense weights, saliency sums and counters are callback state: they travel
-in checkpoints and a resumed run continues the schedule where it stopped.
+dense ones (straight-through: the dense gradient is not masked, the dense weights are swapped in
+just before ``opt.step()`` and masked again right after), and the next mask update ranks the
+dense weights, so a pruned weight can come back. Masks, dense weights, saliency sums and counters
+are callback state: they travel in checkpoints and a resumed run continues the schedule where it
+stopped.
+
+Integrity checks (``checks``; cumulative counts of faults, each 0 in a correct run; logged as
+``prune/checks/<name>`` and in ``summary.json`` under ``pruning_checks``):
+- ``pruned_nonzero_after_step``: pruned weight entries an optimiser step left non-zero, summed
+  over steps (not magnitude-STE, whose step moves the dense copy by design);
+- ``pruned_nonzero_at_rollout_end``: pruned entries non-zero in the module's weights at the end
+  of a rollout, when the collector is about to use them (every criterion, magnitude-STE too);
+- ``pruned_nonzero_on_resume``: pruned entries non-zero in the weights a resumed run loaded;
+- ``mask_regrown_entries``: entries a mask update un-pruned (not magnitude-STE: masks must be
+  nested, a pruned weight never comes back);
+- ``mask_count_off_entries``: Σ over mask updates and networks of |entries pruned −
+  round(target · entries)|: each update must prune exactly the scheduled number.
 """
 
 from __future__ import annotations
@@ -28,6 +47,8 @@ from prunerl.pruning import (ALLOCATIONS, CRITERIA, SCOPES, compute_masks, is_ma
                              scheduled_sparsity, sparsity_of)
 
 NETWORKS = {"actor": "actor.mean_net", "critic": "critic.value_net"}
+CHECKS = ("pruned_nonzero_after_step", "pruned_nonzero_at_rollout_end", "pruned_nonzero_on_resume",
+          "mask_regrown_entries", "mask_count_off_entries")
 
 
 @dataclass
@@ -79,11 +100,17 @@ class PruningCallback(L.Callback):
         self.regrown = 0
         self.t_start = self.t_end = 0
         self._random: dict[str, torch.Tensor] | None = None
-        self._mult: dict[str, torch.Tensor] = {}
+        self._mult: dict[str, torch.Tensor] = {}    # float keep-masks (1 kept, 0 pruned)
+        self.checks = dict.fromkeys(CHECKS, 0)       # fault counters (module docstring)
+        self._leaked: torch.Tensor | None = None     # pruned_nonzero_after_step not yet added (no sync per step)
 
     @property
     def active(self) -> bool:
         return self.criterion != "none"
+
+    @property
+    def ste(self) -> bool:
+        return self.criterion == "magnitude_ste"
 
     def add_mask_listener(self, fn) -> None:
         """``fn(trainer, pl_module, MaskUpdate)`` runs right after each mask update is applied."""
@@ -104,12 +131,19 @@ class PruningCallback(L.Callback):
         self.t_start, self.t_end = schedule_bounds(pl_module.total_updates, self.burn_in, self.end)
 
     def on_train_start(self, trainer, pl_module):
-        # after a resume: state loaded from the checkpoint -> onto the weights' device, re-applied
+        # after a resume (optimiser state and this callback's state are restored before this
+        # hook): masks onto the weights' device, the loaded weights checked and masked, and the
+        # optimiser's moments of pruned entries zeroed (checkpoints written before that was done
+        # hold non-zero ones)
         for store in (self.masks, self.dense, self.saliency_sum):
             for n in store:
                 store[n] = store[n].to(self.params[n].device)
         self._mult = {}
+        if self.masks:
+            self.checks["pruned_nonzero_on_resume"] += int(self._count_pruned_nonzero())
         self._apply_masks()
+        if not self.ste:
+            self._zero_pruned_optimizer_state(trainer)
 
     # -- the training loop -------------------------------------------------------------------
     def _saliency_window(self, t: int) -> bool:
@@ -120,20 +154,33 @@ class PruningCallback(L.Callback):
         return self.t_start - window < t <= last
 
     def on_after_backward(self, trainer, pl_module):
-        # raw ∂L/∂w of this update (before clipping); weights are the masked ones
-        t = trainer.global_step + 1
-        if self.criterion != "saliency" or not self._saliency_window(t):
-            return
-        with torch.no_grad():
-            for n, p in self.params.items():
-                if p.grad is None:
-                    continue
-                s = (p * p.grad).abs()
-                if n in self.saliency_sum:
-                    self.saliency_sum[n].add_(s)
-                else:
-                    self.saliency_sum[n] = s
+        # Inside manual_backward, before the module's global grad-norm clip: raw ∂L/∂w of this update
+        if self.criterion == "saliency" and self._saliency_window(trainer.global_step + 1):
+            self._accumulate_saliency()
+        # pruned entries' gradients are zeroed, so neither the clip norm nor Adam's moments see
+        # them; magnitude-STE trains its dense copy with the dense gradient
+        if self.masks and not self.ste:
+            self._mask_gradients()
+
+    @torch.no_grad()
+    def _accumulate_saliency(self) -> None:
+        # |w·g| is 0 at pruned entries (w = 0) whether or not g is masked yet
+        for n, p in self.params.items():
+            if p.grad is None:
+                continue
+            s = (p * p.grad).abs()
+            if n in self.saliency_sum:
+                self.saliency_sum[n].add_(s)
+            else:
+                self.saliency_sum[n] = s
         self.saliency_count += 1
+
+    @torch.no_grad()
+    def _mask_gradients(self) -> None:
+        mult = self._mults()
+        names = [n for n in mult if self.params[n].grad is not None]
+        if names:
+            torch._foreach_mul_([self.params[n].grad for n in names], [mult[n] for n in names])
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         # STE: the step updates the dense weights with the gradient taken at the masked ones
@@ -149,17 +196,57 @@ class PruningCallback(L.Callback):
             with torch.no_grad():
                 for n, d in self.dense.items():
                     d.copy_(self.params[n])
+        elif self.masks:  # with masked gradients and moments the step cannot have moved them
+            leaked = self._count_pruned_nonzero()
+            self._leaked = leaked if self._leaked is None else self._leaked + leaked
         self._apply_masks()
         t = trainer.global_step
         if is_mask_update(t, self.t_start, self.t_end, self.interval):
             self._update_masks(trainer, pl_module, t)
 
-    @torch.no_grad()
-    def _apply_masks(self) -> None:
+    def _mults(self) -> dict[str, torch.Tensor]:
         if len(self._mult) != len(self.masks):  # float copies: ~3× cheaper to multiply by than bools
             self._mult = {n: m.to(self.params[n].dtype) for n, m in self.masks.items()}
-        if self._mult:
-            torch._foreach_mul_([self.params[n] for n in self._mult], list(self._mult.values()))
+        return self._mult
+
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
+        mult = self._mults()
+        if mult:
+            torch._foreach_mul_([self.params[n] for n in mult], list(mult.values()))
+
+    @torch.no_grad()
+    def _count_pruned_nonzero(self) -> torch.Tensor:
+        """Pruned entries of the module's weights that are not zero (a tensor: no device sync)."""
+        names = list(self.masks)
+        counts = [torch.count_nonzero(self.params[n].masked_fill(self.masks[n], 0)) for n in names]
+        return torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.long)
+
+    def _flush_leaked(self) -> None:
+        if self._leaked is not None:
+            self.checks["pruned_nonzero_after_step"] += int(self._leaked)
+            self._leaked = None
+
+    @torch.no_grad()
+    def _zero_pruned_optimizer_state(self, trainer) -> None:
+        """Zero the optimiser state of pruned entries (Adam's ``exp_avg``, ``exp_avg_sq``, …: every
+        state tensor shaped like its parameter). Works wherever the pruned weights live in an
+        optimiser's parameters: the weight itself, or a slice of a flat buffer
+        (``prunerl.module.FlatParameters``)."""
+        mult = self._mults()
+        for opt in getattr(trainer, "optimizers", None) or []:
+            for group in opt.param_groups:
+                for big in group["params"]:
+                    state = opt.state.get(big)
+                    if not state:
+                        continue
+                    tensors = [v for v in state.values() if torch.is_tensor(v) and v.shape == big.shape]
+                    for n, m in mult.items():
+                        offset = _offset_in(self.params[n], big)
+                        if offset is None:
+                            continue
+                        for v in tensors:
+                            v.view(-1)[offset:offset + m.numel()].mul_(m.view(-1))
 
     @torch.no_grad()
     def _update_masks(self, trainer, pl_module, t: int) -> None:
@@ -172,11 +259,19 @@ class PruningCallback(L.Callback):
             previous = None if ste or not self.masks else {n: self.masks[n] for n in names}
             new.update(compute_masks({n: scores[n] for n in names}, target, self.allocation, previous))
         self.regrown = sum(int((m & ~self.masks[n]).sum()) for n, m in new.items()) if self.masks else 0
+        if not ste:  # nested masks: a pruned weight never comes back
+            self.checks["mask_regrown_entries"] += self.regrown
+        for names in self.groups.values():  # exactly the scheduled number pruned in each network
+            size = sum(new[n].numel() for n in names)
+            pruned = sum(int((~new[n]).sum()) for n in names)
+            self.checks["mask_count_off_entries"] += abs(pruned - round(target * size))
         if ste and not self.dense:
             self.dense = {n: b.clone() for n, b in before.items()}
         self.masks, self._mult = new, {}
         for n, p in self.params.items():
             p.copy_(before[n] * new[n])
+        if not ste:
+            self._zero_pruned_optimizer_state(trainer)
         self.target = target
         self.mask_updates += 1
         self.saliency_sum, self.saliency_count = {}, 0
@@ -219,9 +314,15 @@ class PruningCallback(L.Callback):
         }
 
     def on_train_epoch_end(self, trainer, pl_module):
-        rows = getattr(pl_module, "rollout_metrics", None)
-        if rows is None or not self.active:
+        if not self.active:
             return
+        self._flush_leaked()
+        if self.masks:  # the weights the next rollout is collected with
+            self.checks["pruned_nonzero_at_rollout_end"] += int(self._count_pruned_nonzero())
+        rows = getattr(pl_module, "rollout_metrics", None)
+        if rows is None:
+            return
+        rows.update({f"prune/checks/{k}": float(v) for k, v in self.checks.items()})
         rep = self.sparsity_report(pl_module)
         rows.update({"prune/target_sparsity": rep["target"], "prune/sparsity": rep["global"],
                      "prune/sparsity_actor": rep["actor"], "prune/sparsity_critic": rep["critic"],
@@ -231,8 +332,10 @@ class PruningCallback(L.Callback):
             rows["prune/regrown"] = float(self.regrown)
 
     def summary(self, trainer, pl_module) -> dict:
+        self._flush_leaked()
         rep = self.sparsity_report(pl_module)
         return {
+            "pruning_checks": dict(self.checks),
             "pruning_method": self.criterion,
             "final_sparsity": self.final_sparsity if self.active else 0.0,
             "sparsity": rep,
@@ -243,7 +346,9 @@ class PruningCallback(L.Callback):
 
     # -- checkpoint state --------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self._flush_leaked()
         return {
+            "checks": dict(self.checks),
             "criterion": self.criterion,
             "masks": {n: m.cpu() for n, m in self.masks.items()},
             "dense": {n: d.cpu() for n, d in self.dense.items()},
@@ -265,3 +370,18 @@ class PruningCallback(L.Callback):
         self.saliency_count = state["saliency_count"]
         self.mask_updates, self.target, self.regrown = state["mask_updates"], state["target"], state["regrown"]
         self.seed = state["seed"]  # random scores are drawn from the seed the run started with
+        # checkpoints written before the checks existed start them at 0
+        self.checks = {**dict.fromkeys(CHECKS, 0), **state.get("checks", {})}
+        self._leaked = None
+
+
+def _offset_in(p: torch.Tensor, big: torch.Tensor) -> int | None:
+    """Where ``p``'s entries start in ``big``'s flat layout, if ``p`` is ``big`` or a contiguous
+    slice of it (FlatParameters' views); else None."""
+    if p is big:
+        return 0
+    if (p.dtype != big.dtype or p.device != big.device or not p.is_contiguous() or not big.is_contiguous()
+            or p.untyped_storage().data_ptr() != big.untyped_storage().data_ptr()):
+        return None
+    offset = (p.data_ptr() - big.data_ptr()) // big.element_size()
+    return offset if 0 <= offset and offset + p.numel() <= big.numel() else None

@@ -53,9 +53,11 @@ def _run(command: str, cfg: DictConfig):
         if command == "fit":
             from prunerl.fit import fit
 
+            from prunerl.rundir import format_summary
+
             summary = fit(cfg)
-            print(f"done: {summary['frames']} frames in {summary['wall_time_s']:.0f}s ({summary['sps']:.0f} SPS), "
-                  f"train return {summary['train_return']:.1f}  ->  {cfg.run_dir}")
+            print(("skipped (already finished): " if summary.get("skipped") else "done: ")
+                  + format_summary(summary, cfg.run_dir), flush=True)
             return summary
         if command == "report":
             return _report(cfg)

@@ -16,6 +16,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,7 +25,7 @@ from prunerl.data import RolloutDataModule
 from prunerl.envs import TASKS, make_env
 from prunerl.models import Critic, GaussianActor
 from prunerl.module import PPOModule
-from prunerl.rundir import MetricsLogger, RunDir
+from prunerl.rundir import MetricsLogger, RunDir, read_summary
 
 
 def build_models(cfg: DictConfig, obs_dim: int, act_dim: int) -> tuple[GaussianActor, Critic]:
@@ -72,10 +73,50 @@ def weight_sparsity(module: torch.nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in ws) / total if total else 0.0
 
 
+# Keys that do not change what a run computes: a finished run with other values here is the same run.
+NON_RESULT_KEYS = ("run_dir", "skip_finished", "logger", "device", "callbacks.progress", "resume")
+
+
+def _finished_run(cfg: DictConfig, run: RunDir) -> dict | None:
+    """``skip_finished=true`` (resumable sweeps): the summary of the finished run already in the run
+    dir — refused if that run's config differs — or None after moving an unfinished one aside."""
+    if not (run.path / "summary.json").is_file():
+        moved = run.move_aside()
+        print(f"{run.path} held an unfinished run; moved it to {moved} and starting again", flush=True)
+        return None
+    saved = yaml.safe_load((run.path / "config.yaml").read_text()) if (run.path / "config.yaml").is_file() else {}
+    diff = config_differences(saved or {}, OmegaConf.to_container(cfg, resolve=True), ignore=NON_RESULT_KEYS)
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:5])
+        raise ConfigError(f"hydra.run.dir={run.path} holds a finished run of another config ({shown}); "
+                          "skip_finished only skips the same run — delete it or choose another directory")
+    print(f"skip: {run.path} already finished (skip_finished=true)", flush=True)
+    return {**read_summary(run.path), "skipped": True}
+
+
+def config_differences(a: dict, b: dict, ignore=(), prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, value in a, value in b) for every leaf where two config trees differ."""
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        key = f"{prefix}{k}"
+        if key in ignore:
+            continue
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_differences(va, vb, ignore, key + ".")
+        elif va != vb:
+            out.append((key, va, vb))
+    return out
+
+
 def fit(cfg: DictConfig) -> dict:
     """Train as ``cfg`` says; write the run directory; return ``summary.json``'s content."""
     validate_fit(cfg)
     run = RunDir(cfg.run_dir)
+    if cfg.get("skip_finished") and run.existing_run():
+        finished = _finished_run(cfg, run)
+        if finished is not None:
+            return finished
     if run.existing_run():
         raise ConfigError(f"hydra.run.dir={run.path} already holds a run ({', '.join(run.existing_run())}); "
                           "choose a new directory (resume=PATH writes its continuation to a new one)")
@@ -107,7 +148,8 @@ def fit(cfg: DictConfig) -> dict:
         adam_eps=algo.adam_eps, clip=algo.clip, vf_coef=algo.vf_coef, ent_coef=algo.ent_coef,
         max_grad_norm=algo.max_grad_norm, normalize_advantage=algo.normalize_advantage,
         kappa=algo.kappa, eps=task_eps(cfg), sa_steps=algo.sa.steps, sa_step_ratio=algo.sa.step_ratio,
-        eps_ramp=algo.sa.eps_ramp,
+        eps_ramp=algo.sa.eps_ramp, anneal_lr=bool(algo.get("anneal_lr", False)),
+        updates_per_rollout=dm.updates_per_rollout,
     )
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
 

@@ -1,6 +1,18 @@
 """Lipschitz maths (Sec. 3, Thm. 1, Lemma 1, Thm. 3): the surrogate L̃, the exact spectral product,
 local Jacobian norms, the certified bound and the path-averaged parameter sensitivity L_par.
 
+The ball. Appendix B proves ‖f(ŝ)−f(s)‖₂ ≤ L̃·‖ŝ−s‖₂: an ℓ2 ball. The attacks and the SA
+regulariser perturb within the ℓ∞ ball ‖ŝ−s‖∞ ≤ ε, whose ℓ2 radius is √d·ε (d the observation
+dimension), so α·c·L̃·ε understates their bound by up to √d. ``ball="linf"`` gives the figures
+for the ℓ∞ ball: only the first layer sees the input perturbation δ, and for ‖δ‖∞ ≤ ε
+
+    ‖W₁δ‖₂ ≤ ε·‖ |W₁|·𝟙 ‖₂        (|(W₁δ)_i| ≤ Σ_j |W₁,ij|·|δ_j|)
+
+(:func:`linf_to_l2_norm`), so L̃_∞ = ∏ L_σℓ · ‖|W₁|𝟙‖₂ · ∏_{ℓ≥2} min(‖W_ℓ‖_F, sqrt(‖W_ℓ‖_1 ‖W_ℓ‖_∞))
+bounds ‖f(ŝ)−f(s)‖₂ ≤ L̃_∞·‖ŝ−s‖∞. ‖|W₁|𝟙‖₂ lies in [‖W₁‖_F, √d·min(‖W₁‖_F, sqrt(‖W₁‖_1 ‖W₁‖_∞))],
+so L̃ ≤ L̃_∞ ≤ √d·L̃ (never looser than the √d·ε radius), and it is monotone in |W_ij| (Thm. 1's
+"pruning cannot loosen the bound" holds for it too).
+
 One home for each formula: the Lipschitz callback, the report and the tests call these. No
 Lightning, no Hydra. Networks are ``nn.Sequential`` stacks of ``nn.Linear`` and 1-Lipschitz
 activations (tanh, ReLU), the shape of ``prunerl.models.mlp``; every function also takes the layer
@@ -18,6 +30,15 @@ from torch import nn
 
 # L_σ of each supported activation (Thm. 1's ∏ L_σℓ); both are 1-Lipschitz.
 ACTIVATION_LIPSCHITZ = {nn.Tanh: 1.0, nn.ReLU: 1.0}
+
+# The perturbation balls ‖ŝ−s‖_p ≤ ε a figure can be stated for: "l2" (Appendix B's ball) and
+# "linf" (the attacks' and the SA regulariser's ball).
+BALLS = ("linf", "l2")
+
+
+def _check_ball(ball: str) -> None:
+    if ball not in BALLS:
+        raise ValueError(f"ball={ball!r} is not allowed; allowed: {list(BALLS)}")
 
 
 def mlp_parts(net: nn.Sequential) -> tuple[list[nn.Linear], list[nn.Module]]:
@@ -53,12 +74,29 @@ def surrogate_norm(w: torch.Tensor) -> torch.Tensor:
     return torch.minimum(fro, (one * inf).sqrt())
 
 
+def linf_to_l2_norm(w: torch.Tensor) -> torch.Tensor:
+    """‖ |W|·𝟙 ‖₂ (float64): the ℓ2 norm of W's row ℓ1-norms, an upper bound on W's ℓ∞→ℓ2
+    operator norm max_{‖x‖∞≤1} ‖Wx‖₂, since |(Wx)_i| ≤ ‖x‖∞·Σ_j |W_ij|. It is ≥ ‖W‖_F (each row's
+    ℓ1 norm is ≥ its ℓ2 norm), ≤ √n·min(‖W‖_F, sqrt(‖W‖_1 ‖W‖_∞)) for n input columns (Cauchy–
+    Schwarz; ‖|W|𝟙‖₂ ≤ ‖|W|‖₂·‖𝟙‖₂), and monotone in |W_ij| — also in floating point: sums of
+    non-negative terms, a square root, and rounding is monotone."""
+    return w.detach().abs().double().sum(-1).pow(2).sum(-1).sqrt()
+
+
 @torch.no_grad()
-def lipschitz_surrogate(net: nn.Sequential, weights: list[torch.Tensor] | None = None) -> float:
-    """Thm. 1: L̃ = ∏ L_σℓ · ∏ min(‖W_ℓ‖_F, sqrt(‖W_ℓ‖_1 ‖W_ℓ‖_∞)). ``weights`` overrides the
-    network's own weight matrices (same shapes, same order)."""
+def lipschitz_surrogate(net: nn.Sequential, weights: list[torch.Tensor] | None = None,
+                        ball: str = "l2") -> float:
+    """Thm. 1: L̃ = ∏ L_σℓ · ∏ min(‖W_ℓ‖_F, sqrt(‖W_ℓ‖_1 ‖W_ℓ‖_∞)), with ‖f(ŝ)−f(s)‖₂ ≤ L̃·‖ŝ−s‖₂
+    (``ball="l2"``, Appendix B). ``ball="linf"``: L̃_∞, the first layer's factor replaced by
+    ‖|W₁|𝟙‖₂ (:func:`linf_to_l2_norm`), with ‖f(ŝ)−f(s)‖₂ ≤ L̃_∞·‖ŝ−s‖∞ — the figure for the
+    attacks' ℓ∞ ball; L̃ ≤ L̃_∞ ≤ √d·L̃. ``weights`` overrides the network's own weight matrices
+    (same shapes, same order)."""
+    _check_ball(ball)
     ws = weights if weights is not None else [m.weight for m in mlp_parts(net)[0]]
-    return activation_product(net) * float(torch.stack([surrogate_norm(w) for w in ws]).prod())
+    norms = [surrogate_norm(w) for w in ws]
+    if ball == "linf":
+        norms[0] = linf_to_l2_norm(ws[0])
+    return activation_product(net) * float(torch.stack(norms).prod())
 
 
 @torch.no_grad()
@@ -116,9 +154,14 @@ def input_jacobians(net: nn.Sequential, states: torch.Tensor,
 
 @torch.no_grad()
 def jacobian_norms(net: nn.Sequential, states: torch.Tensor,
-                   weights: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """‖J(s)‖_op (spectral) for each state of the batch — Lemma 1's leading term."""
+                   weights: list[torch.Tensor] | None = None, ball: str = "l2") -> torch.Tensor:
+    """Lemma 1's leading factor for each state of the batch: ``ball="l2"``: ‖J(s)‖_op (spectral),
+    with ‖J(s)δ‖₂ ≤ ‖J(s)‖_op·‖δ‖₂; ``ball="linf"``: ‖|J(s)|𝟙‖₂ (:func:`linf_to_l2_norm` of J(s)),
+    with ‖J(s)δ‖₂ ≤ ‖|J(s)|𝟙‖₂·‖δ‖∞."""
+    _check_ball(ball)
     j = input_jacobians(net, states, weights).double()
+    if ball == "linf":
+        return linf_to_l2_norm(j)
     return torch.linalg.eigvalsh(j @ j.transpose(1, 2))[..., -1].clamp_min(0).sqrt()
 
 
@@ -172,5 +215,7 @@ def gaussian_c(std: torch.Tensor | float) -> float:
 
 
 def certified_bound(lipschitz: float, eps: float, gamma: float, r_max: float, std) -> float:
-    """Thm. 1: max_s {V − Ṽ} ≤ α·c·L·ε."""
+    """Thm. 1: max_s {V − Ṽ} ≤ α·c·L·ε, for perturbations within the ball of radius ε in which
+    ‖μ(ŝ)−μ(s)‖₂ ≤ L·ε: pass ``lipschitz_surrogate(net, ball="linf")`` for the ℓ∞ ball the
+    attacks use, ``lipschitz_surrogate(net)`` (Appendix B's L̃) for an ℓ2 ball."""
     return robustness_alpha(gamma, r_max) * gaussian_c(std) * lipschitz * eps

@@ -21,13 +21,17 @@ class PPOModule(L.LightningModule):
                  adam_eps: float = 1e-5, clip: float = 0.2, vf_coef: float = 0.5,
                  ent_coef: float = 0.01, max_grad_norm: float = 1.0, normalize_advantage: bool = True,
                  kappa: float = 0.0, eps: float = 0.0, sa_steps: int = 10,
-                 sa_step_ratio: float = 0.1, eps_ramp: float = 0.75):
+                 sa_step_ratio: float = 0.1, eps_ramp: float = 0.75, anneal_lr: bool = False,
+                 updates_per_rollout: int | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.actor = actor
         self.critic = critic
         self.total_updates = total_updates
         self.lr, self.adam_eps = lr, adam_eps
+        self.anneal_lr, self.updates_per_rollout = anneal_lr, updates_per_rollout
+        if anneal_lr and not updates_per_rollout:
+            raise ValueError("anneal_lr needs updates_per_rollout (the number of rollouts is T / it)")
         self.clip, self.vf_coef, self.ent_coef = clip, vf_coef, ent_coef
         self.max_grad_norm = max_grad_norm
         self.normalize_advantage = normalize_advantage
@@ -38,6 +42,7 @@ class PPOModule(L.LightningModule):
         # figures callbacks (pruning, Lipschitz) add to this rollout's metrics row; merged and
         # cleared in on_train_epoch_end (callbacks' epoch-end hooks run before the module's)
         self.rollout_metrics: dict[str, float] = {}
+        self.grad_norm: torch.Tensor | None = None  # the last update's global grad norm, before clipping
         self._metric_names: list[str] = []
 
     def __setattr__(self, name, value):
@@ -58,6 +63,13 @@ class PPOModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.flat.check()
+        if self.anneal_lr:  # SA-PPO / CleanRL: lr_k = lr·(1 − k/K) for rollout k of K, k from 0
+            k, n = self.global_step // self.updates_per_rollout, self.total_updates // self.updates_per_rollout
+            for group in self.optimizers().optimizer.param_groups:
+                group["lr"] = self.lr * (1.0 - k / n)
+
+    def current_lr(self) -> float:
+        return float(self.optimizers().optimizer.param_groups[0]["lr"])
 
     def sa_eps(self, t: int) -> float:
         """ε_t: ramped linearly from 0 to ε over the first ``eps_ramp`` of the T updates."""
@@ -94,10 +106,12 @@ class PPOModule(L.LightningModule):
 
         opt = self.optimizers()
         self.flat.zero_grad()
+        # Lightning runs the callbacks' on_after_backward inside manual_backward: the pruning
+        # callback zeroes pruned entries' gradients there, before this clip
         self.manual_backward(loss)
         # What ``self.clip_gradients(opt, max_grad_norm, "norm")`` does for 32-bit training: the
-        # global norm of all gradients — here the norm of the one flat gradient.
-        torch.nn.utils.clip_grad_norm_([self.flat.param], self.max_grad_norm, foreach=True)
+        # global norm of all gradients — here the norm of the one flat gradient (kept, unsynced).
+        self.grad_norm = torch.nn.utils.clip_grad_norm_([self.flat.param], self.max_grad_norm, foreach=True)
         opt.step()
 
         # Accumulate cheaply; logged once per rollout (self.log per step costs more than a step).
@@ -115,7 +129,7 @@ class PPOModule(L.LightningModule):
 
     def on_train_epoch_end(self):
         """Log one row per rollout at step t (Lightning's epoch-end logging would use t − 1)."""
-        row: dict[str, float] = {"train/update": float(self.global_step)}
+        row: dict[str, float] = {"train/update": float(self.global_step), "train/lr": self.current_lr()}
         dm = self.trainer.datamodule
         if dm is not None:
             row["train/frames"] = float(dm.frames)

@@ -71,24 +71,37 @@ def erk_densities(shapes: list[tuple[int, int]], density: float) -> list[float]:
         dense.add(max(over, key=lambda j: raw[j]))  # the densest first, as RigL does
 
 
-def _apportion(total: int, shares: list[float], caps: list[int]) -> list[int]:
-    """Integers ≤ caps summing to ``total`` (≤ Σ caps), proportional to ``shares`` (largest remainder)."""
-    exact = [min(s, c) for s, c in zip(shares, caps)]
-    counts = [math.floor(x) for x in exact]
+def _apportion(total: int, shares: list[float], caps: list[int], floors: list[int] | None = None) -> list[int]:
+    """Integers in [floors, caps] summing to ``total`` (Σ floors ≤ total ≤ Σ caps), proportional to
+    ``shares`` (largest remainder). With ``floors`` (what each layer has already pruned) a layer
+    whose share rounds below its floor keeps its floor and the others give the difference back,
+    smallest remainder first, so the total stays exact."""
+    floors = floors or [0] * len(shares)
+    if not sum(floors) <= total <= sum(caps):
+        raise ValueError(f"cannot split {total} pruned weights over layers of sizes {caps} "
+                         f"that have already pruned {floors}")
+    exact = [min(max(s, f), c) for s, f, c in zip(shares, floors, caps)]
+    counts = [max(math.floor(x), f) for x, f in zip(exact, floors)]
     order = sorted(range(len(shares)), key=lambda j: exact[j] - counts[j], reverse=True)
     short = total - sum(counts)
-    for j in order * 2:
-        if short <= 0:
-            break
-        if counts[j] < caps[j]:
-            counts[j] += 1
-            short -= 1
+    while short > 0:
+        for j in order:
+            if short > 0 and counts[j] < caps[j]:
+                counts[j] += 1
+                short -= 1
+    for j in reversed(order):  # only where floors pushed the sum over the total
+        while short < 0 and counts[j] > floors[j]:
+            counts[j] -= 1
+            short += 1
     return counts
 
 
-def layer_prune_counts(shapes: list[tuple[int, int]], sparsity: float, allocation: str) -> list[int]:
+def layer_prune_counts(shapes: list[tuple[int, int]], sparsity: float, allocation: str,
+                       at_least: list[int] | None = None) -> list[int]:
     """How many weights each layer loses at ``sparsity`` under ``layer`` or ``erk`` allocation.
-    The counts add up to round(sparsity · Σ N_ℓ) exactly."""
+    The counts add up to round(sparsity · Σ N_ℓ) exactly — also with ``at_least`` (each layer's
+    already-pruned count, which a nested mask cannot go below: the rounding of the shares is not
+    monotone in the sparsity, so a layer's own count can dip by one as the target rises)."""
     sizes = [o * i for o, i in shapes]
     total = round(sparsity * sum(sizes))
     if allocation == "layer":
@@ -97,7 +110,9 @@ def layer_prune_counts(shapes: list[tuple[int, int]], sparsity: float, allocatio
         shares = [(1.0 - d) * n for d, n in zip(erk_densities(shapes, 1.0 - sparsity), sizes)]
     else:
         raise ValueError(f"allocation={allocation!r} has no per-layer counts; allowed: ['erk', 'layer']")
-    return _apportion(total, shares, sizes)
+    if at_least is not None:
+        total = max(total, sum(at_least))
+    return _apportion(total, shares, sizes, at_least)
 
 
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -121,10 +136,11 @@ def compute_masks(scores: dict[str, torch.Tensor], sparsity: float, allocation: 
     """Keep-masks pruning the lowest-scoring weights to ``sparsity`` of the layers in ``scores``.
 
     ``allocation``: ``global`` ranks all the layers' scores together; ``layer`` prunes each layer
-    to ``sparsity``; ``erk`` prunes each layer to its ERK share. With ``previous`` masks, pruned
-    weights stay pruned (their scores count as −∞ and no layer prunes fewer than before), so
-    successive masks only ever remove weights — elementwise pruning, as Thm. 1 assumes. Without
-    ``previous`` (magnitude-STE) a weight may come back.
+    to ``sparsity``; ``erk`` prunes each layer to its ERK share. Exactly round(sparsity · Σ N_ℓ)
+    weights are pruned in all (or what ``previous`` already pruned, if more). With ``previous``
+    masks, pruned weights stay pruned (their scores count as −∞ and no layer prunes fewer than
+    before), so successive masks only ever remove weights — elementwise pruning, as Thm. 1
+    assumes. Without ``previous`` (magnitude-STE) a weight may come back.
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation={allocation!r} is not allowed; allowed: {list(ALLOCATIONS)}")
@@ -147,13 +163,9 @@ def compute_masks(scores: dict[str, torch.Tensor], sparsity: float, allocation: 
             out[n] = ~pruned[i:i + m].view_as(s[n])
             i += m
         return out
-    counts = layer_prune_counts([tuple(s[n].shape) for n in names], sparsity, allocation)
-    out = {}
-    for n, k in zip(names, counts):
-        if previous is not None:
-            k = max(k, int((~previous[n]).sum()))
-        out[n] = ~_lowest(s[n], k)
-    return out
+    already = [int((~previous[n]).sum()) for n in names] if previous is not None else None
+    counts = layer_prune_counts([tuple(s[n].shape) for n in names], sparsity, allocation, already)
+    return {n: ~_lowest(s[n], k) for n, k in zip(names, counts)}
 
 
 def magnitude_scores(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

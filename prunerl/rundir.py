@@ -33,6 +33,14 @@ class RunDir:
         """What of a previous run already stands here (a new run must not overwrite it)."""
         return [m for m in RUN_MARKERS if (self.path / m).exists()]
 
+    def move_aside(self) -> Path:
+        """Rename this run dir to ``<name>.partial-<k>`` (nothing written is lost); return the new path."""
+        k = 0
+        while (target := self.path.with_name(f"{self.path.name}.partial-{k}")).exists():
+            k += 1
+        self.path.rename(target)
+        return target
+
     def write_config(self, cfg: DictConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -56,6 +64,42 @@ def _jsonable(x):
     if hasattr(x, "item"):
         return _jsonable(x.item())
     return x
+
+
+def format_summary(summary: dict, run_dir: str | Path | None = None) -> str:
+    """What ``fit`` prints at the end: returns clean and per attack, sparsity, L̃, certified bound."""
+
+    def num(x, fmt="{:,.0f}"):
+        return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
+
+    ev = summary.get("evaluation") or {}
+    lines = [f"{summary.get('env_id', '?')}  κ={summary.get('kappa')}  seed={summary.get('seed')}  "
+             f"{num(summary.get('frames'))} frames in {num(summary.get('wall_time_s'))} s "
+             f"({num(summary.get('sps'))} frames/s)",
+             f"  {'train':<16}{num(summary.get('train_return')):>9}   (mean of the last episodes, sampled actions)"]
+    if summary.get("clean_return") is not None:
+        mode = "a = μ(ŝ)" if ev.get("deterministic", True) else "sampled actions"
+        lines.append(f"  {'clean':<16}{num(summary['clean_return']):>9}   ({ev.get('episodes', '?')} episodes, {mode}, "
+                     f"attacks at ε = {ev.get('eps', '?')})")
+        attacks = summary.get("attack_returns") or {}
+        for name, r in attacks.items():
+            lines.append(f"  {name:<16}{num(r):>9}")
+        if attacks:
+            worst = min(attacks, key=attacks.get)
+            lines.append(f"  {'robust (worst)':<16}{num(attacks[worst]):>9}   ({worst}); "
+                         f"average over attacks {num(sum(attacks.values()) / len(attacks))}")
+    sp = summary.get("sparsity") or {}
+    if sp:
+        lines.append(f"  sparsity {num(sp.get('global'), '{:.2f}')} (actor {num(sp.get('actor'), '{:.2f}')}, "
+                     f"critic {num(sp.get('critic'), '{:.2f}')}), pruning={summary.get('pruning_method')}")
+    if summary.get("lipschitz_surrogate") is not None:
+        ball = summary.get("certified_bound_ball")
+        ball = "" if ball is None else f" (ℓ∞ ball, ε = {summary.get('eps')})" if ball == "linf" else f" ({ball} ball)"
+        lines.append(f"  L̃ actor {num(summary['lipschitz_surrogate'], '{:.3g}')}, certified bound "
+                     f"{num(summary.get('certified_bound'), '{:.3g}')}{ball}")
+    if run_dir is not None:
+        lines.append(f"  -> {run_dir}")
+    return "\n".join(lines)
 
 
 def read_summary(run_dir: str | Path) -> dict:

@@ -31,7 +31,17 @@ def test_fit_then_evaluate_round_trip(tmp_path):
     run = tmp_path / "run"
     r = cli("fit", *SMALL, f"hydra.run.dir={run}")
     assert r.returncode == 0, r.stderr
-    assert "done: 2048 frames" in r.stdout
+    # fit prints what it found: the returns (clean, per attack, worst), sparsity, L̃, bound, run dir
+    summary = json.loads((run / "summary.json").read_text())
+    out = r.stdout[r.stdout.index("done: InvertedPendulum-v5"):]
+    assert "2,048 frames" in out and str(run) in out
+    lines = {ln.split()[0]: ln for ln in out.splitlines()[1:] if ln.strip()}
+    for name, value in [("clean", summary["clean_return"]), *summary["attack_returns"].items()]:
+        assert lines[name].split()[1] == f"{value:,.0f}", (name, lines[name])
+    worst = min(summary["attack_returns"].values())
+    assert lines["robust"].split()[2] == f"{worst:,.0f}"
+    assert f"sparsity {summary['sparsity']['global']:.2f}" in out
+    assert f"L̃ actor {summary['lipschitz_surrogate']:.3g}" in out
     ckpt = run / "checkpoints" / "last.ckpt"
     r = cli("evaluate", f"checkpoint={ckpt}", "episodes=4", "deterministic=false")
     assert r.returncode == 0, r.stderr
@@ -63,3 +73,18 @@ def test_loggers_write_into_the_run_dir(small_cfg, tmp_path, monkeypatch, logger
     assert (tmp_path / "run" / "metrics.jsonl").exists()
     if logger == "wandb":
         assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_format_summary_names_the_worst_attack_and_the_average():
+    from prunerl.rundir import format_summary
+
+    out = format_summary({"env_id": "Hopper-v5", "kappa": 0.3, "seed": 0, "frames": 1000, "wall_time_s": 10.0,
+                          "sps": 100.0, "train_return": 900.0, "clean_return": 1000.0,
+                          "attack_returns": {"random": 950.0, "rs": 300.0, "mad": 700.0},
+                          "evaluation": {"episodes": 50, "deterministic": True, "eps": 0.075},
+                          "sparsity": {"global": 0.5, "actor": 0.5, "critic": 0.5}, "pruning_method": "magnitude",
+                          "lipschitz_surrogate": 12.5, "certified_bound": 3.1e5, "certified_bound_ball": "linf",
+                          "eps": 0.075}, "RUN")
+    robust = next(ln for ln in out.splitlines() if "robust (worst)" in ln)
+    assert robust.split()[2] == "300" and "(rs)" in robust and "average over attacks 650" in robust
+    assert "50 episodes, a = μ(ŝ)" in out and "ℓ∞ ball, ε = 0.075" in out and out.endswith("-> RUN")

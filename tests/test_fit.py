@@ -108,3 +108,41 @@ def test_resumed_run_matches_unsplit_run_exactly(small_cfg, tmp_path):
     sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     for k in sa:
         assert torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"])
+
+
+def test_anneal_lr_falls_linearly_per_rollout_and_resumes(small_cfg, tmp_path):
+    """algo.anneal_lr: rollout k of K trains at lr·(1 − k/K) (SA-PPO / CleanRL); a resumed run picks
+    up the schedule where it stopped; without it the lr stays constant."""
+    over = ("total_frames=4096", "algo.anneal_lr=true", "algo.lr=1e-3", "callbacks.evaluation=null",
+            "checkpoint.every_n_rollouts=1")
+    fit(small_cfg(*over, run_dir=tmp_path / "a"))
+    lrs = [r["train/lr"] for r in read_metrics(tmp_path / "a") if "train/lr" in r]
+    assert lrs == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+    fit(small_cfg(*over, f"resume={tmp_path / 'a' / 'checkpoints' / 'rollout00001-t32.ckpt'}",
+                  run_dir=tmp_path / "b"))
+    assert [r["train/lr"] for r in read_metrics(tmp_path / "b") if "train/lr" in r] == pytest.approx([0.5e-3, 0.25e-3])
+    fit(small_cfg("total_frames=4096", "algo.lr=1e-3", "callbacks.evaluation=null", run_dir=tmp_path / "c"))
+    assert [r["train/lr"] for r in read_metrics(tmp_path / "c") if "train/lr" in r] == pytest.approx([1e-3] * 4)
+
+
+def test_skip_finished_skips_the_same_finished_run_only(small_cfg, tmp_path):
+    """Resumable sweeps: with skip_finished=true a finished run is not trained again (its files are
+    untouched), a finished run of another config is refused, an unfinished one is moved aside."""
+    from prunerl.config import ConfigError
+
+    run = tmp_path / "run"
+    over = ("skip_finished=true", "callbacks.evaluation=null")
+    first = fit(small_cfg(*over))
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    again = fit(small_cfg(*over, "logger=none"))  # a logger does not change the run
+    assert again["skipped"] is True and again["train_return"] == first["train_return"]
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    with pytest.raises(ConfigError, match="algo.kappa"):
+        fit(small_cfg(*over, "algo.kappa=0.5"))
+    with pytest.raises(ConfigError, match="already holds a run"):  # without the flag: refused as before
+        fit(small_cfg("callbacks.evaluation=null"))
+
+    (run / "summary.json").unlink()  # an interrupted run
+    third = fit(small_cfg(*over))
+    assert "skipped" not in third and (run / "summary.json").is_file()
+    assert (tmp_path / "run.partial-0" / "config.yaml").is_file()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from callbacks.pruning import PruningCallback
+from callbacks.pruning import CHECKS, PruningCallback
 from prunerl.config import ConfigError
 from prunerl.fit import fit
 from prunerl.pruning import (compute_masks, cubic_sparsity, erk_densities, is_mask_update,
@@ -66,6 +66,39 @@ def test_masks_hit_the_target_and_only_ever_remove_weights(allocation):
                 assert not (m[k] & ~prev[k]).any()  # nothing pruned comes back
         w = {k: v * m[k] for k, v in w.items()}
         prev = m
+
+
+@pytest.mark.parametrize("allocation", ["global", "layer", "erk"])
+@pytest.mark.parametrize("shapes", [[(64, 4), (64, 64), (1, 64)], [(64, 11), (64, 64), (3, 64)], [(256, 17), (256, 256), (1, 256)]])
+def test_nested_masks_prune_exactly_the_scheduled_number_at_every_update(shapes, allocation):
+    # The per-layer rounding of the shares is not monotone in the sparsity (a layer's count can
+    # dip by one as the target rises); nested masks must still prune round(s·N) in all, not more.
+    g = torch.Generator().manual_seed(0)
+    w = {str(i): torch.randn(shape, generator=g) for i, shape in enumerate(shapes)}
+    total = sum(v.numel() for v in w.values())
+    prev = None
+    for t in range(65, 193):  # every update of a cubic ramp from 64 to 192
+        s = cubic_sparsity(t, 64, 192, 0.9)
+        m = compute_masks({k: v.abs() for k, v in w.items()}, s, allocation, prev)
+        assert sum(int((~x).sum()) for x in m.values()) == round(s * total), (t, s)
+        if prev is not None:
+            assert not any((m[k] & ~prev[k]).any() for k in m)
+        prev = m
+
+
+def test_layer_counts_honour_what_each_layer_already_pruned_and_keep_the_total():
+    # 2 layers of 16 at 25%: 4 each — but the first already pruned 6 (say, the masks came from
+    # global allocation): it keeps its 6 and the other gives the difference back
+    assert layer_prune_counts([(4, 4), (4, 4)], 0.25, "layer") == [4, 4]
+    assert layer_prune_counts([(4, 4), (4, 4)], 0.25, "layer", at_least=[6, 0]) == [6, 2]
+    assert layer_prune_counts([(4, 4), (4, 4)], 0.25, "layer", at_least=[6, 3]) == [6, 3]  # 9 > 8: no fewer
+    g = torch.Generator().manual_seed(1)
+    w = {"a": torch.randn(8, 8, generator=g), "b": torch.randn(8, 8, generator=g) * 10}
+    prev = compute_masks({k: v.abs() for k, v in w.items()}, 0.3, "global")  # mostly layer a
+    assert int((~prev["a"]).sum()) > 25
+    m = compute_masks({k: v.abs() for k, v in w.items()}, 0.4, "layer", prev)
+    assert sum(int((~x).sum()) for x in m.values()) == round(0.4 * 128)
+    assert not any((m[k] & ~prev[k]).any() for k in m)
 
 
 def test_saliency_ranks_by_abs_weight_times_gradient():
@@ -174,7 +207,7 @@ FIT = ["total_frames=4096", "pruning.final_sparsity=0.7", "algo.kappa=0", "++cal
 
 
 @pytest.mark.parametrize("criterion", ["random", "magnitude", "magnitude_ste", "saliency"])
-def test_real_fit_reaches_its_target_sparsity_with_no_monotonicity_violations(small_cfg, tmp_path, criterion):
+def test_real_fit_reaches_its_target_sparsity_and_passes_the_integrity_checks(small_cfg, tmp_path, criterion):
     summary = fit(small_cfg(*FIT, f"pruning={criterion}"))
     n_layers = 6
     sp = summary["sparsity"]
@@ -184,12 +217,15 @@ def test_real_fit_reaches_its_target_sparsity_with_no_monotonicity_violations(sm
     assert sp["layers"]["actor.mean_net.0"] < sp["layers"]["actor.mean_net.2"]  # ERK: small layers denser
     lip = summary["lipschitz"]
     assert lip["mask_updates"] == summary["pruning"]["mask_updates"] == 3
-    assert lip["monotonicity_violations"] == 0
+    # every check can count (tests/test_pruning_integrity.py injects each fault); here, none
+    assert summary["pruning_checks"] == dict.fromkeys(CHECKS, 0) and lip["thm1_sanity_violations"] == 0
     assert summary["lipschitz_surrogate"] > 0 and summary["certified_bound"] > 0
     rows = [r for r in read_metrics(tmp_path / "run") if "train/frames" in r]  # (evaluation rows apart)
     assert len(rows) == 4  # still one row per rollout
     assert rows[-1]["prune/target_sparsity"] == 0.7
     assert rows[0]["prune/sparsity"] == 0.0 and rows[-1]["prune/sparsity"] == pytest.approx(0.7, abs=1e-3)
+    assert {f"prune/checks/{k}" for k in CHECKS} <= set(rows[-1])
+    assert "lipschitz/thm1_sanity_violations" in rows[-1]
 
 
 def test_one_shot_and_micro_pruning_reach_the_same_final_sparsity(small_cfg, tmp_path):
@@ -231,7 +267,12 @@ def test_checkpoint_round_trip_restores_masks_and_schedule_position(small_cfg, t
     ma, mb = a["callbacks"]["PruningCallback"]["masks"], b["callbacks"]["PruningCallback"]["masks"]
     assert all(torch.equal(ma[n], mb[n]) for n in ma)
     la, lb = a["callbacks"]["LipschitzCallback"], b["callbacks"]["LipschitzCallback"]
-    assert la["violations"] == lb["violations"] == 0 and la["mask_updates"] == lb["mask_updates"] == 4
+    assert la["thm1_violations"] == lb["thm1_violations"] == 0 and la["mask_updates"] == lb["mask_updates"] == 4
+    assert la["log_change"] == lb["log_change"] and la["after_last_update"] == lb["after_last_update"]
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for k in sa:  # Adam's moments too (pruned entries' zeroed at mask updates and on resume)
+        assert torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) and torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"])
+    assert summary["pruning_checks"] == dict.fromkeys(CHECKS, 0)
     assert math.isclose(la["at_pruning_start"]["actor"], lb["at_pruning_start"]["actor"])
 
 
