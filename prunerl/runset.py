@@ -32,8 +32,8 @@ from prunerl.rundir import read_summary
 UNPRUNED = "none"
 
 # Where and how a run was written, not what it computed: left out when comparing configs.
-IGNORED = ("run_dir", "resume", "hydra", "logger", "device", "torch_threads", "checkpoint", "victim",
-           "trainer.accelerator", "trainer.devices", "trainer.enable_model_summary",
+IGNORED = ("run_dir", "resume", "skip_finished", "hydra", "logger", "device", "torch_threads", "checkpoint",
+           "victim", "trainer.accelerator", "trainer.devices", "trainer.enable_model_summary",
            "trainer.log_every_n_steps", "callbacks.progress")
 # The sweep's own axes: a setting is everything else.
 AXES = ("seed", "algo.kappa", "pruning", "callbacks.pruning")

@@ -247,6 +247,11 @@ def test_a_run_in_several_folders_counts_once(tmp_path, write_run):
               clean=95, attacks={"mad": 70, "random": 85})
     write_run(runs, "pruning.final_sparsity=0.3,pruning.interval=15,seed=0", sparsity=0.3, seed=0,
               clean=95, attacks={"mad": 70, "random": 85}, device="cuda")
+    cfg_path = runs / "pruning.final_sparsity=0.3,pruning.interval=15,seed=0" / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace("skip_finished: false", "skip_finished: true"))
+    # skip_finished moved an unfinished attempt aside before the run finished in its place
+    shutil.copytree(runs / "m70_s2", runs / "m70_s2.partial-0")
+    (runs / "m70_s2.partial-0" / "summary.json").unlink()
     # W&B's grid: pruning=none at four final sparsities trains one dense network
     for s in (0.3, 0.5, 0.7):
         write_run(runs, f"wandb_none_{s}_s0", method="none", sparsity=s, seed=0, clean=90,
@@ -265,12 +270,14 @@ def test_a_run_in_several_folders_counts_once(tmp_path, write_run):
         ["dense_s0", "wandb_none_0.3_s0", "wandb_none_0.5_s0", "wandb_none_0.7_s0"],
         ["algo.kappa=0.3,pruning=magnitude,pruning.final_sparsity=0.3,seed=0", "m30_s0",
          "pruning.final_sparsity=0.3,pruning.interval=15,seed=0"],
-        ["copy_of_m70_s1", "m70_s1"]])
+        ["copy_of_m70_s1", "m70_s1"], ["m70_s2", "m70_s2.partial-0"]])
+    assert result["problems"] == []
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "## Duplicates" in md and "m70_s1: its returns differ (clean 60 vs 61)" in md
+    assert "m70_s2.partial-0: no summary.json" in md
     status = {Path(r["run_dir"]).name: r["status"] for r in rows(tmp_path / "out" / "runs.csv")}
     assert status["wandb_none_0.5_s0"] == "duplicate" and status["dense_s0"] == "used"
-    assert sorted(status.values()).count("used") == 9 and sorted(status.values()).count("duplicate") == 6
+    assert sorted(status.values()).count("used") == 9 and sorted(status.values()).count("duplicate") == 7
 
 
 def test_cli_counts_one_run_copied_twice_as_one_seed(tmp_path, write_run):
