@@ -21,7 +21,8 @@ COMMANDS = {
     "fit": ("config", "train PPO(+SA) on a MuJoCo task (Hydra overrides: env=, algo.kappa=, total_frames=, ...)"),
     "evaluate": ("evaluate", "evaluate a checkpoint (or a directory of them) clean and under attacks: checkpoint=PATH "
                  "[attacks=[random,critic,mad,rs,optimal]] [episodes=N] [eps=E] [deterministic=true|false]"),
-    "report": ("report", "sweet-spot tables and figures from a folder of runs: runs=DIR [out=DIR]"),
+    "report": ("report", "sweet-spot tables, figures and a verdict from a folder of runs: runs=DIR [out=DIR] "
+               "[normalize=sa|same_kappa] [baseline_kappa=K] [resamples=N] [ci=0.95]"),
 }
 
 GROUPS_HELP = """config groups (choose with GROUP=OPTION):
@@ -75,10 +76,16 @@ def _report(cfg: DictConfig) -> dict:
         raise ConfigError("runs=DIR is required (a folder of run directories, e.g. a multirun folder)")
     runs = Path(str(cfg.runs))
     if not runs.is_dir():
-        raise ConfigError(f"runs={cfg.runs} is not a directory")
+        raise ConfigError(f"runs={cfg.runs} does not exist" if not runs.exists()
+                          else f"runs={cfg.runs} is a file, not a directory")
     out = Path(str(cfg.out)) if cfg.out is not None else runs / "report"
-    result = report(runs, out)
-    print(f"{result['runs']} runs -> {out / 'summary.md'} ({len(result['figures'])} figures)")
+    result = report(runs, out, normalize=str(cfg.normalize), baseline_kappa=cfg.baseline_kappa,
+                    resamples=cfg.resamples, ci_level=cfg.ci, seed=cfg.bootstrap_seed)
+    n_dup = sum(len(o) for _, o, _ in result["duplicates"])
+    print(f"{result['runs']} runs ({n_dup} duplicate folders counted once, {len(result['skipped'])} skipped, "
+          f"{len(result['problems'])} problems) -> {out / 'summary.md'} ({len(result['figures'])} figures)")
+    for v in result["verdicts"]:
+        print(f"  {v['setting']} κ={v['kappa']:g} {v['method']}: {v['verdict_text']}")
     for path, why in result["problems"]:
         print(f"  problem: {path}: {why}")
     return result

@@ -1,272 +1,75 @@
 """``python -m prunerl report runs=DIR out=DIR``: from a folder of run directories to the paper's
-sweet-spot tables (Tables 2 and 3), figures (Figs. 2–5, L̃ and the certified bound vs sparsity),
-a CSV of the aggregated numbers and a markdown summary. Works offline from the run directory
-contract (config.yaml + summary.json); no W&B needed.
+sweet-spot tables (Tables 2 and 3), figures (Figs. 2–5, L̃ and the certified bound vs sparsity), CSVs
+of the aggregated numbers and a markdown summary with a computed verdict. Works offline from the
+run directory contract (config.yaml + summary.json); no W&B needed.
 
-Definitions (Sec. 4.4–4.5, App. C), per task, method, κ and pruning interval:
-
-- the *baseline* is the unpruned run (``pruning=none`` or final sparsity 0) of the same task and
-  κ; every method's curve starts from it at sparsity 0;
-- normalised clean(s) = mean_seeds clean(s) / mean_seeds clean(baseline);
-- normalised robust(s) = mean over attacks a of mean_seeds R_a(s) / mean_seeds R_a(baseline);
-- robust (worst)(s) = min_a mean_seeds R_a(s) / min_a mean_seeds R_a(baseline) — the worst attack's
-  return, normalised by the baseline's worst attack;
-- the *sweet spot* is the sparsity maximising (normalised clean + normalised robust) / 2;
-- Table 3: for each attack a, its sweet spot s_a maximises the seed-mean R_a; the worst-seed R_a
-  at s_a is averaged over attacks (absolute, and normalised by the baseline's seed-mean R_a);
-  the reported sparsity is the mode of the s_a (ties favour the smaller).
-
-Standard errors are across seeds (std / sqrt(n), 0 for a single seed).
+:mod:`prunerl.runset` decides which runs count and which may be compared; :mod:`prunerl.sweetspot`
+holds the definitions and the statistics; this module checks the options, writes the files and
+says what it did.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
+import os
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from prunerl.rundir import read_summary
-
-UNPRUNED = "none"
-
-
-@dataclass
-class Run:
-    path: Path
-    task: str
-    method: str
-    sparsity: float
-    kappa: float
-    seed: int
-    interval: int | None
-    clean: float | None
-    attacks: dict[str, float]
-    lipschitz: float | None
-    bound: float | None
-    actual_sparsity: float | None
-
-    @property
-    def group(self) -> tuple[str, float]:
-        return self.task, self.kappa
-
-
-@dataclass
-class RunSet:
-    runs: list[Run] = field(default_factory=list)
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (run dir, what is wrong)
-
-
-def _get(d: dict, *keys, default=None):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return default
-        d = d[k]
-    return d
-
-
-def read_runs(root: str | Path) -> RunSet:
-    """Every run directory under ``root`` (a folder with a ``config.yaml``). Runs without a
-    readable ``summary.json`` (failed or unfinished) are listed in ``problems``, not dropped."""
-    root = Path(root)
-    out = RunSet()
-    for cfg_path in sorted(root.rglob("config.yaml")):
-        run_dir = cfg_path.parent
-        try:
-            cfg = yaml.safe_load(cfg_path.read_text()) or {}
-        except yaml.YAMLError as e:
-            out.problems.append((str(run_dir), f"config.yaml is not valid YAML ({e})"))
-            continue
-        if not (run_dir / "summary.json").exists():
-            out.problems.append((str(run_dir), "no summary.json (the run failed or has not finished)"))
-            continue
-        try:
-            s = read_summary(run_dir)
-        except (OSError, json.JSONDecodeError) as e:
-            out.problems.append((str(run_dir), f"summary.json is unreadable ({e})"))
-            continue
-        method = s.get("pruning_method") or _get(cfg, "pruning", "criterion", default=UNPRUNED)
-        sparsity = float(s.get("final_sparsity") or _get(cfg, "pruning", "final_sparsity", default=0.0) or 0.0)
-        if method == UNPRUNED:
-            sparsity = 0.0
-        attacks = {k: float(v) for k, v in (s.get("attack_returns") or {}).items() if v is not None}
-        out.runs.append(Run(
-            path=run_dir,
-            task=s.get("env") or _get(cfg, "env", "name", default="?"),
-            method=method,
-            sparsity=round(sparsity, 6),
-            kappa=float(s.get("kappa", _get(cfg, "algo", "kappa", default=0.0))),
-            seed=int(s.get("seed", _get(cfg, "seed", default=0))),
-            interval=_get(cfg, "pruning", "interval"),
-            clean=s.get("clean_return"),
-            attacks=attacks,
-            lipschitz=_lipschitz_value(s.get("lipschitz_surrogate")),
-            bound=_lipschitz_value(s.get("certified_bound")),
-            actual_sparsity=_get(s, "sparsity", "global"),
-        ))
-        if s.get("clean_return") is None:
-            out.problems.append((str(run_dir), "summary.json has no clean_return (evaluation did not run)"))
-    return out
-
-
-def _lipschitz_value(v):
-    """summary.json may hold a number or a mapping (e.g. {"actor": .., "critic": ..}); the actor's
-    figure is the one the certified bound uses."""
-    if isinstance(v, dict):
-        v = v.get("actor", next(iter(v.values()), None))
-    return None if v is None else float(v)
-
-
-def _mean_se(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    a = np.asarray(xs, dtype=float)
-    se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
-    return float(a.mean()), se
-
-
-@dataclass
-class Point:
-    """One (task, κ, method, interval, sparsity) cell, aggregated over seeds."""
-
-    task: str
-    kappa: float
-    method: str
-    interval: int | None
-    sparsity: float
-    seeds: list[int]
-    clean: tuple[float, float]
-    attacks: dict[str, tuple[float, float]]
-    attack_seeds: dict[str, list[float]]
-    lipschitz: tuple[float, float]
-    bound: tuple[float, float]
-    norm_clean: float = float("nan")
-    norm_robust: float = float("nan")
-    norm_robust_se: float = float("nan")
-    robust_worst: float = float("nan")
-    norm_attacks: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def score(self) -> float:
-        return (self.norm_clean + self.norm_robust) / 2
-
-
-def aggregate(runs: list[Run]) -> list[Point]:
-    """Seed-aggregated points, normalised to the unpruned baseline of the same task and κ.
-
-    The baseline point is added to every method's curve at sparsity 0."""
-    cells: dict[tuple, list[Run]] = defaultdict(list)
-    for r in runs:
-        cells[(r.task, r.kappa, r.method, r.interval if r.method != UNPRUNED else None, r.sparsity)].append(r)
-    points = []
-    for (task, kappa, method, interval, sparsity), rs in sorted(cells.items(), key=lambda kv: str(kv[0])):
-        names = sorted({a for r in rs for a in r.attacks})
-        points.append(Point(
-            task=task, kappa=kappa, method=method, interval=interval, sparsity=sparsity,
-            seeds=sorted(r.seed for r in rs),
-            clean=_mean_se([r.clean for r in rs]),
-            attacks={a: _mean_se([r.attacks.get(a) for r in rs]) for a in names},
-            attack_seeds={a: [r.attacks[a] for r in rs if a in r.attacks] for a in names},
-            lipschitz=_mean_se([r.lipschitz for r in rs]),
-            bound=_mean_se([r.bound for r in rs]),
-        ))
-    baselines = {(p.task, p.kappa): p for p in points if p.method == UNPRUNED or p.sparsity == 0}
-    for p in points:
-        base = baselines.get((p.task, p.kappa))
-        if base is None:
-            continue
-        p.norm_clean = p.clean[0] / base.clean[0] if base.clean[0] else float("nan")
-        p.norm_attacks = {a: p.attacks[a][0] / base.attacks[a][0]
-                          for a in p.attacks if a in base.attacks and base.attacks[a][0]}
-        if p.norm_attacks:
-            p.norm_robust = float(np.mean(list(p.norm_attacks.values())))
-            # SE of the normalised robust figure: the seeds' own averages over attacks
-            per_seed = [np.mean([p.attack_seeds[a][i] / base.attacks[a][0] for a in p.norm_attacks])
-                        for i in range(min(len(p.attack_seeds[a]) for a in p.norm_attacks))]
-            p.norm_robust_se = _mean_se(per_seed)[1]
-            shared = [a for a in p.attacks if a in base.attacks]
-            worst_base = min(base.attacks[a][0] for a in shared)
-            p.robust_worst = min(p.attacks[a][0] for a in shared) / worst_base if worst_base else float("nan")
-    return points
-
-
-def curves(points: list[Point]) -> dict[tuple, list[Point]]:
-    """(task, κ, method, interval) -> points by sparsity, each starting at the baseline."""
-    out: dict[tuple, list[Point]] = defaultdict(list)
-    base = {(p.task, p.kappa): p for p in points if p.method == UNPRUNED or p.sparsity == 0}
-    for p in points:
-        if p.method == UNPRUNED or p.sparsity == 0:
-            continue
-        out[(p.task, p.kappa, p.method, p.interval)].append(p)
-    for key, ps in out.items():
-        b = base.get(key[:2])
-        if b is not None:
-            ps.append(b)
-        ps.sort(key=lambda p: p.sparsity)
-    return dict(out)
-
-
-def sweet_spots(points: list[Point]) -> list[dict]:
-    """Table 2: per task, κ, method (and interval): the sweet-spot sparsity and its figures."""
-    rows = []
-    for (task, kappa, method, interval), ps in sorted(curves(points).items(), key=lambda kv: str(kv[0])):
-        scored = [p for p in ps if math.isfinite(p.score)]
-        if not scored:
-            continue
-        best = max(scored, key=lambda p: (p.score, -p.sparsity))  # ties favour the smaller sparsity
-        rows.append({"env": task, "kappa": kappa, "method": method, "interval": interval,
-                     "sweet_spot": best.sparsity, "clean": best.norm_clean,
-                     "robust_worst": best.robust_worst, "norm_robust_avg": best.norm_robust,
-                     "score": best.score, "seeds": len(best.seeds)})
-    return rows
-
-
-def worst_seed_table(points: list[Point]) -> list[dict]:
-    """Table 3: worst-seed robustness at each attack's own sweet spot, averaged over attacks."""
-    rows = []
-    base = {(p.task, p.kappa): p for p in points if p.method == UNPRUNED or p.sparsity == 0}
-    for (task, kappa, method, interval), ps in sorted(curves(points).items(), key=lambda kv: str(kv[0])):
-        b = base.get((task, kappa))
-        attacks = sorted({a for p in ps for a in p.attacks})
-        if not attacks or b is None:
-            continue
-        spots, worst_abs, worst_norm = [], [], []
-        for a in attacks:
-            have = [p for p in ps if a in p.attacks]
-            best = max(have, key=lambda p: (p.attacks[a][0], -p.sparsity))
-            spots.append(best.sparsity)
-            worst = min(best.attack_seeds[a])
-            worst_abs.append(worst)
-            if a in b.attacks and b.attacks[a][0]:
-                worst_norm.append(worst / b.attacks[a][0])
-        counts = defaultdict(int)
-        for s in spots:
-            counts[s] += 1
-        mode = min(counts, key=lambda s: (-counts[s], s))
-        rows.append({"env": task, "kappa": kappa, "method": method, "interval": interval,
-                     "pruning": mode, "worst_seed_abs": float(np.mean(worst_abs)),
-                     "worst_seed_norm": float(np.mean(worst_norm)) if worst_norm else float("nan")})
-    return rows
+from prunerl.config import ConfigError
+from prunerl.runset import RunSet, Setting, read_runs, settings
+from prunerl.sweetspot import (CLEAN_FLOOR, NORMALIZE, VERDICT_MIN_SEEDS, Analysis, analyse, ci, mode_text,
+                               variant_labels, verdict)
 
 
 # -- output ------------------------------------------------------------------------------------
-def _fmt(x, pct=False):
+def _fmt(x, pct=False, digits=2):
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     if pct:
         return f"{100 * x:.0f}%"
-    return f"{x:.2f}" if isinstance(x, float) else str(x)
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}" if abs(x) < 1e6 else f"{x:.3g}"
+    return str(x)
 
 
-def _markdown_table(rows: list[dict], cols: list[tuple[str, str, bool]]) -> str:
+def _fmt_ci(row, name, digits=2):
+    v = _fmt(row.get(name), digits=digits)
+    lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
+    if v == "–" or lo is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return v
+    return f"{v} [{_fmt(lo, digits=digits)}, {_fmt(hi, digits=digits)}]"
+
+
+def _markdown_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """cols: (key, header, kind) with kind "", "pct", "ci", "ci0" (CI, no decimals), "share"."""
+    def cell(r, key, kind):
+        if kind == "pct":
+            return _fmt(r.get(key), pct=True)
+        if kind == "ci":
+            return _fmt_ci(r, key)
+        if kind == "ci0":
+            return _fmt_ci(r, key, digits=0)
+        if kind == "share":
+            return _fmt(r.get(key), pct=True)
+        if key == "kappa":
+            return f"{r[key]:g}"
+        return _fmt(r.get(key))
     head = "| " + " | ".join(c[1] for c in cols) + " |\n| " + " | ".join("---" for _ in cols) + " |\n"
-    return head + "".join("| " + " | ".join(_fmt(r[c[0]], c[2]) for c in cols) + " |\n" for r in rows)
+    return head + "".join("| " + " | ".join(cell(r, k, kind) for k, _, kind in cols) + " |\n" for r in rows)
+
+
+T2_COLS = [("env", "Environment", ""), ("kappa", "κ", ""), ("method", "Method", ""), ("interval", "Interval", ""),
+           ("sweet_spot", "Sweet-spot %", "pct"), ("clean", "Clean", "ci"), ("robust_worst", "Robust (worst)", "ci"),
+           ("norm_robust_avg", "Norm. robust (avg)", "ci"), ("clean_return", "Clean return", "ci0"),
+           ("worst_return", "Worst-attack return", "ci0"), ("seeds", "Seeds", ""),
+           ("sweet_spot_share", "Same spot in bootstrap", "share"), ("baseline", "Baseline", "")]
+T3_COLS = [("env", "Environment", ""), ("kappa", "κ", ""), ("method", "Method", ""), ("interval", "Interval", ""),
+           ("pruning", "Pruning %", "pct"), ("worst_seed_abs", "Avg. worst-seed abs", "ci0"),
+           ("worst_seed_norm", "Avg. worst-seed norm", "ci"), ("attack_sweet_spots", "Attack sweet spots", ""),
+           ("seeds", "Seeds", ""), ("baseline", "Baseline", "")]
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -277,37 +80,33 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
-        w.writerows(rows)
-
-
-def _aggregated_rows(points: list[Point]) -> list[dict]:
-    rows = []
-    for p in points:
-        row = {"env": p.task, "kappa": p.kappa, "method": p.method, "interval": p.interval,
-               "sparsity": p.sparsity, "seeds": len(p.seeds), "clean_mean": p.clean[0],
-               "clean_se": p.clean[1], "norm_clean": p.norm_clean, "norm_robust_avg": p.norm_robust,
-               "robust_worst": p.robust_worst, "lipschitz_mean": p.lipschitz[0],
-               "lipschitz_se": p.lipschitz[1], "bound_mean": p.bound[0], "bound_se": p.bound[1]}
-        for a, (m, se) in p.attacks.items():
-            row[f"{a}_mean"], row[f"{a}_se"] = m, se
-        rows.append(row)
-    return rows
+        for r in rows:
+            w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()})
 
 
 def _label(method, interval, kappa=None):
-    s = method if interval is None else f"{method} (Δt={interval})"
+    s = method if not interval else f"{method} (Δt={interval})"
     return s if kappa is None else f"{s}, κ={kappa:g}"
 
 
-def make_figures(points: list[Point], out: Path) -> list[Path]:
+def _fig_suffix(a: Analysis, all_settings: list[Setting]) -> str:
+    same_task = [s for s in all_settings if s.task == a.setting.task]
+    return a.setting.task if len(same_task) == 1 else a.setting.id
+
+
+def make_figures(a: Analysis, out: Path, suffix: str) -> list[Path]:
+    """Figs. 2–5 and L̃ / certified bound vs sparsity for one setting, with CI bands."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     files = []
-    cs = curves(points)
-    tasks = sorted({k[0] for k in cs})
+    labels = variant_labels(a.setting.runs)
+    lvl = f"{100 * a.level:g}% CI"
+    ref_k = sorted({cv.ref.kappa for cv in a.curves if cv.ref is not None})
+    main_k = ref_k[0] if ref_k else (max(cv.kappa for cv in a.curves) if a.curves else None)
+    title = f"{a.setting.id}"
 
     def save(fig, name):
         path = out / name
@@ -316,133 +115,340 @@ def make_figures(points: list[Point], out: Path) -> list[Path]:
         plt.close(fig)
         files.append(path)
 
-    def band(ax, xs, ys, ses, **kw):
-        ys, ses = np.asarray(ys, float), np.asarray(ses, float)
-        (line,) = ax.plot(xs, ys, marker="o", **kw)
-        ax.fill_between(xs, ys - ses, ys + ses, alpha=0.2, color=line.get_color())
+    def band(ax, pts, stat, **kw):
+        x = np.array([100 * p.sparsity for p in pts])
+        y = np.array([p.stats[stat][0] for p in pts])
+        lo_hi = np.array([ci(p.stats[stat], a.level, p.n_for(stat)) for p in pts]).reshape(-1, 2)
+        (line,) = ax.plot(x, y, marker="o", **kw)
+        ok = np.isfinite(lo_hi).all(axis=1)
+        if ok.any():
+            ax.fill_between(x[ok], lo_hi[ok, 0], lo_hi[ok, 1], alpha=0.2, color=line.get_color())
 
-    for task in tasks:
-        keys = [k for k in cs if k[0] == task]
-        kappas = sorted({k[1] for k in keys})
-        main_k = max(kappas)  # the SA-trained setting when there is one (the paper's baseline)
-        # Fig. 2: normalised clean and robust vs sparsity, per method
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-        for k in sorted(keys, key=str):
-            if k[1] != main_k:
-                continue
-            ps = cs[k]
-            x = [100 * p.sparsity for p in ps]
-            band(axes[0], x, [p.norm_clean for p in ps], [p.clean[1] / ps[0].clean[0] if ps[0].clean[0] else 0 for p in ps],
-                 label=_label(k[2], k[3]))
-            band(axes[1], x, [p.norm_robust for p in ps], [p.norm_robust_se for p in ps], label=_label(k[2], k[3]))
-        for ax, t in zip(axes, ("normalised clean return", "normalised robust return (avg over attacks)")):
-            ax.set(xlabel="sparsity (%)", ylabel=t, title=f"{task} (κ={main_k:g})")
+    # one curve per method in Figs. 2–4 and the L̃ figure: its variant with the most runs (the
+    # methods sweep's interval); the other intervals are Fig. 5's
+    runs_of = defaultdict(int)
+    for r in a.setting.runs:
+        runs_of[(r.method, r.variant)] += 1
+    primary = {}
+    for cv in a.curves:
+        best = primary.get(cv.method)
+        if best is None or (runs_of[(cv.method, cv.variant)], repr(best)) > (runs_of[(cv.method, best)], repr(cv.variant)):
+            primary[cv.method] = cv.variant
+    curves = [cv for cv in a.curves if primary[cv.method] == cv.variant]
+    main = [cv for cv in curves if cv.kappa == main_k]
+    if not main:
+        return files
+
+    def grid(n):
+        cols = min(n, 3)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+        for ax in axes.flat[n:]:
+            ax.set_visible(False)
+        return fig, list(axes.flat)
+    base_text = main[0].ref_text
+    # Fig. 2: normalised clean and robust (avg, worst) vs sparsity, per method
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharex=True)
+    for cv in main:
+        for ax, stat in zip(axes, ("norm_clean", "norm_avg", "norm_worst")):
+            band(ax, cv.points, stat, label=_label(cv.method, labels[cv.variant]))
+    for ax, t in zip(axes, ("normalised clean return", "normalised robust return (avg over attacks)",
+                            "normalised robust return (worst attack)")):
+        ax.set(xlabel="sparsity (%)", ylabel=t, title=f"{title} (κ={main_k:g})")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"normalised to {base_text}; bands: {lvl} over seeds", fontsize=9)
+    save(fig, f"fig2_frontier_{suffix}.png")
+
+    # Fig. 3: per attack, return vs sparsity, per method
+    panels = [("clean", "clean"), *((f"attack:{x}", x) for x in a.attacks), ("worst", "worst attack")]
+    fig, axes = grid(len(panels))
+    for ax, (stat, name) in zip(axes, panels):
+        for cv in main:
+            band(ax, cv.points, stat, label=_label(cv.method, labels[cv.variant]))
+        ax.set(xlabel="sparsity (%)", ylabel="return", title=f"{title}: {name}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title=lvl, title_fontsize=7)
+    save(fig, f"fig3_attacks_{suffix}.png")
+
+    # Fig. 4: with and without SA (κ = 0 vs κ > 0), per attack
+    kappas = sorted({cv.kappa for cv in curves})
+    if len(kappas) > 1:
+        fig, axes = grid(len(panels))
+        for ax, (stat, name) in zip(axes, panels):
+            for cv in curves:
+                band(ax, cv.points, stat, label=_label(cv.method, labels[cv.variant], cv.kappa),
+                     ls="-" if cv.kappa > 0 else "--")
+            ax.set(xlabel="sparsity (%)", ylabel="return", title=f"{title}: {name}, with/without SA")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7, title=lvl, title_fontsize=7)
+        save(fig, f"fig4_sa_{suffix}.png")
+
+    # Fig. 5: mask-update interval ablation (methods with several intervals)
+    by_method = defaultdict(list)
+    for cv in a.curves:
+        by_method[(cv.kappa, cv.method)].append(cv)
+    ablated = {k: cvs for k, cvs in by_method.items() if len(cvs) > 1}
+    if ablated:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for (kk, m), cvs in sorted(ablated.items(), key=repr):
+            for cv in cvs:
+                lab = f"{m}, κ={kk:g}, " + ("one-shot" if cv.variant and dict(cv.variant).get("interval") == 0
+                                            else f"Δt={labels[cv.variant]}")
+                band(axes[0], cv.points, "norm_clean", label=lab)
+                band(axes[1], cv.points, "norm_avg", label=lab)
+        for ax, t in zip(axes, ("normalised clean", "normalised robust (avg)")):
+            ax.set(xlabel="sparsity (%)", ylabel=t, title=f"{title}: mask-update interval")
             ax.axhline(1.0, color="grey", lw=0.8, ls=":")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        save(fig, f"fig2_frontier_{task}.png")
+        axes[0].legend(fontsize=7, title=lvl, title_fontsize=7)
+        save(fig, f"fig5_interval_{suffix}.png")
 
-        # Fig. 3: per attack, return vs sparsity, per method
-        attacks = sorted({a for k in keys for p in cs[k] for a in p.attacks})
-        panels = ["clean", *attacks]
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
-        for ax, a in zip(axes[0], panels):
-            for k in sorted(keys, key=str):
-                if k[1] != main_k:
-                    continue
-                ps = [p for p in cs[k] if a == "clean" or a in p.attacks]
-                vals = [p.clean if a == "clean" else p.attacks[a] for p in ps]
-                band(ax, [100 * p.sparsity for p in ps], [v[0] for v in vals], [v[1] for v in vals],
-                     label=_label(k[2], k[3]))
-            ax.set(xlabel="sparsity (%)", ylabel="return", title=f"{task}: {a}")
+    # L̃ and the certified bound vs sparsity
+    if any(math.isfinite(p.stats["lipschitz"][0]) for cv in a.curves for p in cv.points):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for cv in curves:
+            lab = _label(cv.method, labels[cv.variant], cv.kappa)
+            band(axes[0], cv.points, "lipschitz", label=lab)
+            band(axes[1], cv.points, "bound", label=lab)
+        axes[0].set(xlabel="sparsity (%)", ylabel="L̃ (Thm. 1 surrogate, actor)", yscale="log",
+                    title=f"{title}: Lipschitz surrogate")
+        axes[1].set(xlabel="sparsity (%)", ylabel="certified bound (summary.json)", yscale="log",
+                    title=f"{title}: certified bound")
+        for ax in axes:
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8)
-        save(fig, f"fig3_attacks_{task}.png")
-
-        # Fig. 4: with and without SA (κ = 0 vs κ > 0), per attack
-        if len(kappas) > 1:
-            fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
-            for ax, a in zip(axes[0], panels):
-                for k in sorted(keys, key=str):
-                    ps = [p for p in cs[k] if a == "clean" or a in p.attacks]
-                    vals = [p.clean if a == "clean" else p.attacks[a] for p in ps]
-                    band(ax, [100 * p.sparsity for p in ps], [v[0] for v in vals], [v[1] for v in vals],
-                         label=_label(k[2], k[3], k[1]), ls="-" if k[1] > 0 else "--")
-                ax.set(xlabel="sparsity (%)", ylabel="return", title=f"{task}: {a}, with/without SA")
-                ax.grid(alpha=0.3)
-            axes[0][0].legend(fontsize=7)
-            save(fig, f"fig4_sa_{task}.png")
-
-        # Fig. 5: micro-pruning interval ablation (methods with several intervals)
-        by_method = defaultdict(set)
-        for k in keys:
-            by_method[(k[1], k[2])].add(k[3])
-        ablated = [(kk, m) for (kk, m), ivs in by_method.items() if len(ivs) > 1]
-        if ablated:
-            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-            for kk, m in ablated:
-                for iv in sorted(by_method[(kk, m)], key=lambda v: (v is None, v)):
-                    ps = cs[(task, kk, m, iv)]
-                    x = [100 * p.sparsity for p in ps]
-                    lab = f"{m}, " + ("one-shot" if iv == 0 else f"every {iv} updates")
-                    band(axes[0], x, [p.norm_clean for p in ps], [0] * len(ps), label=lab)
-                    band(axes[1], x, [p.norm_robust for p in ps], [p.norm_robust_se for p in ps], label=lab)
-            for ax, t in zip(axes, ("normalised clean", "normalised robust (avg)")):
-                ax.set(xlabel="sparsity (%)", ylabel=t, title=f"{task}: mask-update interval")
-                ax.grid(alpha=0.3)
-            axes[0].legend(fontsize=8)
-            save(fig, f"fig5_interval_{task}.png")
-
-        # L̃ and the certified bound vs sparsity
-        if any(math.isfinite(p.lipschitz[0]) for k in keys for p in cs[k]):
-            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-            for k in sorted(keys, key=str):
-                ps = cs[k]
-                x = [100 * p.sparsity for p in ps]
-                band(axes[0], x, [p.lipschitz[0] for p in ps], [p.lipschitz[1] for p in ps], label=_label(k[2], k[3], k[1]))
-                band(axes[1], x, [p.bound[0] for p in ps], [p.bound[1] for p in ps], label=_label(k[2], k[3], k[1]))
-            axes[0].set(xlabel="sparsity (%)", ylabel="L̃ (Thm. 1 surrogate)", yscale="log", title=f"{task}: Lipschitz surrogate")
-            axes[1].set(xlabel="sparsity (%)", ylabel="α·c·L̃·ε", yscale="log", title=f"{task}: certified bound")
-            for ax in axes:
-                ax.grid(alpha=0.3)
-            axes[0].legend(fontsize=7)
-            save(fig, f"lipschitz_{task}.png")
+        axes[0].legend(fontsize=7, title=lvl, title_fontsize=7)
+        save(fig, f"lipschitz_{suffix}.png")
     return files
 
 
-def report(runs_dir: str | Path, out_dir: str | Path) -> dict:
-    """Read ``runs_dir``, write tables, CSV, figures and ``summary.md`` to ``out_dir``."""
+def _check_out(out: Path) -> None:
+    """out= must be a directory we can create or write, checked before anything is written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} exists and is not a directory")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"out={out} cannot be created: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"out={out} is not writable ({probe} does not allow writing)")
+
+
+def check_options(normalize: str, baseline_kappa, resamples, level, seed=0) -> None:
+    if normalize not in NORMALIZE:
+        raise ConfigError(f"normalize={normalize!r} is not allowed; allowed: {list(NORMALIZE)} "
+                          "(sa: every κ to the unpruned SA-trained run, as the paper; same_kappa: each κ to its own)")
+    if baseline_kappa is not None:
+        if isinstance(baseline_kappa, bool) or not isinstance(baseline_kappa, (int, float)) or baseline_kappa < 0:
+            raise ConfigError(f"baseline_kappa={baseline_kappa!r} must be a κ >= 0 present in the runs (or null)")
+        if normalize != "sa":
+            raise ConfigError(f"baseline_kappa={baseline_kappa} only applies to normalize=sa (got normalize={normalize})")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 0:
+        raise ConfigError(f"resamples={resamples!r} must be an integer >= 0 (bootstrap replicates; 0: no CIs)")
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise ConfigError(f"ci={level!r} must lie in (0, 1), e.g. 0.95")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"bootstrap_seed={seed!r} must be an integer >= 0")
+
+
+def report(runs_dir: str | Path, out_dir: str | Path, *, normalize: str = "sa", baseline_kappa: float | None = None,
+           resamples: int = 5000, ci_level: float = 0.95, seed: int = 0) -> dict:
+    """Read ``runs_dir``, write tables, CSVs, figures and ``summary.md`` to ``out_dir``.
+
+    Raises :class:`ConfigError` (and writes nothing) when the options are bad, ``runs_dir`` is not a
+    folder of run directories, or ``out_dir`` cannot be written."""
     runs_dir, out = Path(runs_dir), Path(out_dir)
+    check_options(normalize, baseline_kappa, resamples, ci_level, seed)
+    if not runs_dir.is_dir():
+        raise ConfigError(f"runs={runs_dir} is not a directory")
     rs = read_runs(runs_dir)
+    if rs.folders == 0:
+        raise ConfigError(f"runs={runs_dir} holds no run directories (no config.yaml below it)")
+    if not rs.runs:
+        why = rs.problems[0] if rs.problems else rs.skipped[0] if rs.skipped else ("", "")
+        raise ConfigError(f"runs={runs_dir} holds {rs.folders} run directories but none with results "
+                          f"({len(rs.problems)} problems, {len(rs.skipped)} skipped; e.g. {why[0]}: {why[1]})")
+    sets = settings(rs.runs)
+    if baseline_kappa is not None:
+        for s in sets:
+            present = sorted({r.kappa for r in s.runs})
+            if float(baseline_kappa) not in present:
+                raise ConfigError(f"baseline_kappa={baseline_kappa}: setting {s.id} has no runs at that κ "
+                                  f"(κ present: {', '.join(f'{k:g}' for k in present)})")
+    _check_out(out)
+    opts = dict(normalize=normalize, baseline_kappa=baseline_kappa, resamples=resamples, level=ci_level, seed=seed)
+    primary = [a for s in sets if (a := analyse(s, "primary", **opts)) is not None]
+    stochastic = [a for s in sets if (a := analyse(s, "stochastic", **opts)) is not None]
+
     out.mkdir(parents=True, exist_ok=True)
-    points = aggregate(rs.runs)
-    t2 = sweet_spots(points)
-    t3 = worst_seed_table(points)
-    _write_csv(out / "aggregated.csv", _aggregated_rows(points))
+    t2 = [r for a in primary for r in a.table2]
+    t3 = [r for a in primary for r in a.table3]
+    t2s = [r for a in stochastic for r in a.table2]
+    verdicts = [{**r, **{f"verdict_{k}": v for k, v in verdict(r, r["env"]).items()}} for r in t2]
+    _write_csv(out / "aggregated.csv", [r for a in primary + stochastic for r in a.aggregated])
     _write_csv(out / "table2_sweet_spots.csv", t2)
     _write_csv(out / "table3_worst_seed.csv", t3)
-    figs = make_figures(points, out)
-    t2_md = _markdown_table(t2, [("env", "Environment", False), ("kappa", "κ", False), ("method", "Method", False),
-                                 ("interval", "Interval", False), ("sweet_spot", "Sweet-spot %", True),
-                                 ("clean", "Clean", False), ("robust_worst", "Robust (worst)", False),
-                                 ("norm_robust_avg", "Norm. robust (avg)", False), ("seeds", "Seeds", False)])
-    t3_md = _markdown_table(t3, [("env", "Environment", False), ("kappa", "κ", False), ("method", "Method", False),
-                                 ("interval", "Interval", False), ("pruning", "Pruning %", True),
-                                 ("worst_seed_abs", "Avg. worst-seed abs", False),
-                                 ("worst_seed_norm", "Avg. worst-seed norm", False)])
-    (out / "table2_sweet_spots.md").write_text(t2_md)
-    (out / "table3_worst_seed.md").write_text(t3_md)
+    _write_csv(out / "verdict.csv", [{k: v for k, v in r.items() if k.startswith("verdict_") or k in
+                                      ("setting", "env", "kappa", "method", "interval", "sweet_spot", "clean",
+                                       "robust_worst", "robust_worst_lo", "robust_worst_hi", "score")}
+                                     for r in verdicts])
+    _write_csv(out / "runs.csv", _run_rows(rs, sets))
+    if t2s:
+        _write_csv(out / "table2_sweet_spots_stochastic.csv", t2s)
+    figs = []
+    for a in primary:
+        figs += make_figures(a, out, _fig_suffix(a, sets))
+
+    md = _summary_md(runs_dir, rs, sets, primary, stochastic, verdicts, figs, normalize, resamples, ci_level, seed)
+    (out / "table2_sweet_spots.md").write_text(_tables_md(primary, "table2"))
+    (out / "table3_worst_seed.md").write_text(_tables_md(primary, "table3"))
+    if t2s:
+        (out / "table2_sweet_spots_stochastic.md").write_text(_tables_md(stochastic, "table2"))
+    (out / "summary.md").write_text(md)
+    return {"runs": len(rs.runs), "problems": rs.problems, "skipped": rs.skipped, "duplicates": rs.duplicates,
+            "settings": [s.id for s in sets], "table2": t2, "table3": t3, "table2_stochastic": t2s,
+            "verdicts": verdicts, "figures": [str(f) for f in figs], "out": str(out)}
+
+
+def _run_rows(rs: RunSet, sets: list[Setting]) -> list[dict]:
+    where = {str(r.path): s.id for s in sets for r in s.runs}
+    rows = []
+    for s in sets:
+        for r in s.runs:
+            ev = r.evaluations["primary"]
+            rows.append({"run_dir": str(r.path), "status": "used", "setting": s.id, "kappa": r.kappa,
+                         "method": r.method, "sparsity": r.sparsity, "interval": r.interval, "seed": r.seed,
+                         "clean_return": ev.clean, **{f"{k}_return": v for k, v in sorted(ev.attacks.items())},
+                         "note": ""})
+    for kept, others, note in rs.duplicates:
+        for o in others:
+            rows.append({"run_dir": o, "status": "duplicate", "setting": where.get(kept, ""),
+                         "note": f"same run as {kept}" + (f"; {note}" if note else "")})
+    rows += [{"run_dir": p, "status": "skipped", "note": why} for p, why in rs.skipped]
+    rows += [{"run_dir": p, "status": "problem", "note": why} for p, why in rs.problems]
+    return rows
+
+
+def _setting_heading(a: Analysis, n_settings: int) -> str:
+    label = a.setting.label_for(mode_text(a))
+    return f"### {a.setting.id}: {label}" if n_settings > 1 else f"*{label}.*"
+
+
+def _tables_md(analyses: list[Analysis], which: str) -> str:
+    parts = []
+    for a in analyses:
+        rows, cols = (a.table2, T2_COLS) if which == "table2" else (a.table3, T3_COLS)
+        parts += [_setting_heading(a, len(analyses)), "",
+                  f"Evaluation: {mode_text(a)}. Normalisation: {a.ref_kappa_rule}. "
+                  f"Values: point [{100 * a.level:g}% CI].", "",
+                  _markdown_table(rows, cols) if rows else "(no pruned runs in this setting)", ""]
+    return "\n".join(parts)
+
+
+def _summary_md(runs_dir, rs: RunSet, sets, primary, stochastic, verdicts, figs, normalize, resamples, level,
+                seed) -> str:
+    n_dup = sum(len(o) for _, o, _ in rs.duplicates)
     lines = [f"# PruneRL report: `{runs_dir}`", "",
-             f"{len(rs.runs)} runs read; {len(rs.problems)} problems.", "",
-             "Returns are normalised to the unpruned run of the same task and κ; the sweet spot",
-             "maximises (normalised clean + normalised robust) / 2 (see `prunerl/report.py`).", "",
-             "## Table 2 — sweet spots", "", t2_md, "", "## Table 3 — worst-seed robustness", "", t3_md, "",
-             "## Figures", ""]
-    lines += [f"![{f.stem}]({f.name})" for f in figs]
-    lines += ["", "## Data", "", "- [aggregated.csv](aggregated.csv) — every (task, κ, method, interval, sparsity) cell",
-              "- [table2_sweet_spots.csv](table2_sweet_spots.csv), [table3_worst_seed.csv](table3_worst_seed.csv)", ""]
+             f"{rs.folders} run directories found: **{len(rs.runs)} runs used**, {n_dup} duplicate folders "
+             f"(the same run again, counted once), {len(rs.skipped)} skipped (not runs of the sweep), "
+             f"{len(rs.problems)} problems. Every directory and what became of it: [runs.csv](runs.csv).", ""]
+    lines += ["## Settings", "",
+              "Runs are compared only within a setting: same task and the same config apart from seed, κ and "
+              "pruning, and the same evaluation (ε, budget, deterministic/stochastic, episodes, attacks).", ""]
+    for s in sets:
+        counts = defaultdict(set)
+        for r in s.runs:
+            counts[r.kappa].add(r.seed)
+        per_k = "; ".join(f"κ={k:g}: {sum(r.kappa == k for r in s.runs)} runs, seeds {sorted(v)}"
+                          for k, v in sorted(counts.items()))
+        differs = (" — differs from the task's other settings in: "
+                   + ", ".join(f"`{k}={v}`" for k, v in s.differs.items())) if s.differs else ""
+        lines.append(f"- **{s.id}**: {s.label} ({per_k}){differs}")
+    lines += ["", "## How the figures are computed", "",
+              "- Normalisation: " + ("every curve, κ = 0 included, is normalised to the unpruned SA-trained run "
+                                     "(paper Sec. 4.5; `normalize=sa`, pick its κ with `baseline_kappa=`)"
+                                     if normalize == "sa" else
+                                     "each κ is normalised to its own unpruned run (`normalize=same_kappa`)")
+              + ". The baseline is the dense `pruning=none` run, or, where the sweep has none, the method's own 0% "
+                "run; every table row names the one it used.",
+              "- Clean = normalised clean return. Robust (worst) = the runs' worst-attack return (per seed, the "
+              "lowest of its attack returns), normalised by the baseline's. Norm. robust (avg) = the average over "
+              "attacks of each attack's normalised return. Sweet spot = the sparsity maximising "
+              "(Clean + Norm. robust (avg)) / 2; ties favour the smaller sparsity.",
+              f"- Brackets: {100 * level:g}% confidence intervals over seeds: a bootstrap ({resamples} resamples of "
+              f"each cell's seeds, seed {seed}) with the expanded percentile interval (Hesterberg 2015), whose tails "
+              "are widened to a t interval's for the few seeds behind each figure; values at the sweet spot are at "
+              "that sparsity. 'Same spot in bootstrap' is the share of resamples whose sweet spot is the same "
+              f"sparsity. A cell with one seed has no CI (–); a verdict needs ≥ {VERDICT_MIN_SEEDS} seeds per cell.",
+              ""]
+    lines += ["## Verdict", ""]
+    lines += _verdict_md(primary, verdicts)
+    lines += ["## Table 2 — sweet spots", "", _tables_md(primary, "table2")]
+    if stochastic:
+        lines += ["## Table 2 — sweet spots, stochastic evaluation", "",
+                  "From `summary.json`'s `evaluation_stochastic` (a ~ π(·|ŝ)), for the runs that recorded it.", "",
+                  _tables_md(stochastic, "table2")]
+    lines += ["## Table 3 — worst-seed robustness", "",
+              "Per attack, the sparsity with the highest seed-mean return; its worst seed, averaged over attacks "
+              "(absolute, and normalised by the baseline's seed-mean return of each attack). Pruning % is the mode "
+              "of the attack sweet spots (ties favour the smaller).", "", _tables_md(primary, "table3")]
+    lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figs]
+    lines += ["", "## Data", "",
+              "- [aggregated.csv](aggregated.csv) — every (setting, evaluation, κ, method, interval, sparsity) "
+              "cell: means with `_lo`/`_hi` CI bounds",
+              "- [table2_sweet_spots.csv](table2_sweet_spots.csv), [table3_worst_seed.csv](table3_worst_seed.csv), "
+              "[verdict.csv](verdict.csv), [runs.csv](runs.csv)"
+              + (", [table2_sweet_spots_stochastic.csv](table2_sweet_spots_stochastic.csv)" if stochastic else ""),
+              ""]
+    notes = [f"{a.setting.id} ({a.mode}): {n}" for a in primary + stochastic for n in a.notes]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
+    if rs.duplicates:
+        lines += ["## Duplicates (one run in several folders, counted once)", ""]
+        lines += [f"- kept `{kept}`; also in " + ", ".join(f"`{o}`" for o in others) + (f" ({note})" if note else "")
+                  for kept, others, note in rs.duplicates] + [""]
+    if rs.skipped:
+        lines += ["## Skipped (not runs of the sweep)", ""] + [f"- `{p}`: {why}" for p, why in rs.skipped] + [""]
     if rs.problems:
         lines += ["## Missing or failed runs", ""] + [f"- `{p}`: {why}" for p, why in rs.problems] + [""]
-    (out / "summary.md").write_text("\n".join(lines))
-    return {"runs": len(rs.runs), "problems": rs.problems, "table2": t2, "table3": t3,
-            "figures": [str(f) for f in figs], "out": str(out)}
+    return "\n".join(lines)
+
+
+def _who(v: dict, multi: bool) -> str:
+    who = (f"{v['setting']}, " if multi else f"{v['env']}, ") + f"κ={v['kappa']:g}, {v['method']}"
+    return who + (f" (Δt={v['interval']})" if v["interval"] else "")
+
+
+def _verdict_md(primary: list[Analysis], verdicts: list[dict]) -> list[str]:
+    if not verdicts:
+        return ["No pruned runs: nothing to decide.", ""]
+    lines = [f"Computed from Table 2: is there a sparsity where (Clean + Norm. robust (avg)) / 2 peaks with "
+             f"Robust (worst) above 1, its CI excluding 1, and Clean ≥ {CLEAN_FLOOR}?", ""]
+    multi = len(primary) > 1
+    for v in verdicts:
+        who = _who(v, multi)
+        facts = (f"sweet spot {_fmt(v['sweet_spot'], pct=True)}: score {_fmt_ci(v, 'score')}, "
+                 f"Clean {_fmt_ci(v, 'clean')}, Robust (worst) {_fmt_ci(v, 'robust_worst')}, "
+                 f"Norm. robust (avg) {_fmt_ci(v, 'norm_robust_avg')}, {v['seeds']} seeds; "
+                 f"baseline {v['baseline']}")
+        line = f"- **{who}** — **{v['verdict_text']}**. {facts}."
+        if v["verdict_paper"]:
+            line += f" Compared with the {v['verdict_paper']}."
+        lines.append(line)
+    def names(vs):
+        return ", ".join(_who(v, multi) for v in vs)
+
+    found = [v for v in verdicts if v["verdict_effect"] is True]
+    open_ = [v for v in verdicts if v["verdict_effect"] is None]
+    if found:
+        overall = f"**The effect is present** in {names(found)}."
+    elif open_:
+        overall = (f"**Undecided**: no row shows the effect, and {names(open_)} cannot be decided from these runs "
+                   "(too few seeds or no baseline).")
+    else:
+        overall = ("**The effect is absent here**: no row has a pruned sweet spot whose worst-attack return is above "
+                   f"the baseline's with a CI excluding 1 while keeping ≥ {CLEAN_FLOOR} of the clean return.")
+    lines += ["", overall, ""]
+    return lines

@@ -62,3 +62,58 @@ def test_wandb_sweeps_call_fit_with_hydra_overrides_that_compose(path):
             if key != "pruning" and "pruning" in params and key.startswith("pruning."):
                 overrides.insert(0, "pruning=magnitude")  # a pruning.* key needs a pruning group
             validate_fit(compose_with_hydra(*overrides))
+
+
+def _grid(axes: dict[str, list]) -> list[dict]:
+    points = [{}]
+    for key, values in axes.items():
+        points = [{**p, key: v} for p in points for v in values]
+    return points
+
+
+def _fingerprint(*overrides) -> str:
+    from prunerl.runset import fingerprint
+
+    cfg = compose_with_hydra(*overrides)
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra")
+    return fingerprint(OmegaConf.to_container(OmegaConf.create(container), resolve=True))
+
+
+def _no_run_twice(points: list[tuple[str, list[str]]]) -> None:
+    seen: dict[str, str] = {}
+    twice = []
+    for name, overrides in points:
+        fp = _fingerprint(*overrides)
+        if fp in seen:
+            twice.append(f"{name} = {seen[fp]}")
+        seen.setdefault(fp, name)
+    assert not twice, f"the same run twice: {twice}"
+
+
+def test_hydra_sweep_presets_together_hold_no_run_twice():
+    """sweep=baseline, methods and interval share one folder: no grid point may be another's run
+    (the report would count it once, but it would cost a run). Seed 0 stands for every seed."""
+    points = []
+    for preset in ("baseline", "methods", "interval"):
+        params = dict(compose_with_hydra(f"sweep={preset}").hydra.sweeper.params)
+        assert "0" in str(params.pop("seed")).split(",")
+        for point in _grid({k: str(v).split(",") for k, v in params.items()}):
+            overrides = [f"{k}={v}" for k, v in point.items()]
+            points.append((f"sweep={preset} {' '.join(overrides)}", [f"sweep={preset}", "seed=0", *overrides]))
+    _no_run_twice(points)
+
+
+def test_wandb_sweeps_together_hold_no_run_twice():
+    points = []
+    for path in sorted((Path(CONF_DIR) / "wandb_sweep").glob("*.yaml")):
+        params = yaml.safe_load(path.read_text())["parameters"]
+        params.pop("logger", None)
+        assert 0 in params.pop("seed")["values"]
+        axes = {k: spec.get("values", [spec.get("value")]) for k, spec in params.items()}
+        for point in _grid(axes):
+            overrides = [f"{k}={v}" for k, v in point.items()]
+            if "pruning" in point:  # the group first, as `fit key=value ...` composes it
+                overrides.sort(key=lambda o: not o.startswith("pruning="))
+            points.append((f"{path.name}: {' '.join(overrides)}", ["seed=0", *overrides]))
+    _no_run_twice(points)
