@@ -73,40 +73,27 @@ def weight_sparsity(module: torch.nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in ws) / total if total else 0.0
 
 
-# Keys that do not change what a run computes: a finished run with other values here is the same run.
-NON_RESULT_KEYS = ("run_dir", "skip_finished", "logger", "device", "callbacks.progress", "resume")
-
-
 def _finished_run(cfg: DictConfig, run: RunDir) -> dict | None:
     """``skip_finished=true`` (resumable sweeps): the summary of the finished run already in the run
-    dir — refused if that run's config differs — or None after moving an unfinished one aside."""
+    dir — refused if that run's config differs — or None after moving an unfinished one aside.
+    "The same run" is the report's definition (:func:`prunerl.runset.run_config`), so a skipped run
+    is exactly one the report would count once."""
+    from prunerl.runset import run_config
+
     if not (run.path / "summary.json").is_file():
         moved = run.move_aside()
         print(f"{run.path} held an unfinished run; moved it to {moved} and starting again", flush=True)
         return None
     saved = yaml.safe_load((run.path / "config.yaml").read_text()) if (run.path / "config.yaml").is_file() else {}
-    diff = config_differences(saved or {}, OmegaConf.to_container(cfg, resolve=True), ignore=NON_RESULT_KEYS)
+    there, now = run_config(saved or {}), run_config(OmegaConf.to_container(cfg, resolve=True))
+    diff = [(k, there.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(there) | set(now))
+            if there.get(k, "<absent>") != now.get(k, "<absent>")]
     if diff:
         shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:5])
         raise ConfigError(f"hydra.run.dir={run.path} holds a finished run of another config ({shown}); "
                           "skip_finished only skips the same run — delete it or choose another directory")
     print(f"skip: {run.path} already finished (skip_finished=true)", flush=True)
     return {**read_summary(run.path), "skipped": True}
-
-
-def config_differences(a: dict, b: dict, ignore=(), prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, value in a, value in b) for every leaf where two config trees differ."""
-    out = []
-    for k in sorted(set(a) | set(b), key=str):
-        key = f"{prefix}{k}"
-        if key in ignore:
-            continue
-        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_differences(va, vb, ignore, key + ".")
-        elif va != vb:
-            out.append((key, va, vb))
-    return out
 
 
 def fit(cfg: DictConfig) -> dict:
