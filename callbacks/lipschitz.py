@@ -117,6 +117,8 @@ class LipschitzCallback(L.Callback):
             "lipschitz/surrogate_critic": lipschitz_surrogate(critic),
             "lipschitz/spectral_actor": spectral_product(actor),
             "lipschitz/spectral_critic": spectral_product(critic),
+            "lipschitz/c": c,  # c = 1/sqrt(2π σ²_min) of the σ now (a learned σ moves)
+            "lipschitz/sigma_min": float(pl_module.actor.std.detach().min()),
         }
         # Thm. 1 for the attacks' ℓ∞ ball of radius ε; App. B's ℓ2-ball figure kept by its name
         out["lipschitz/certified_bound"] = certified_bound(out["lipschitz/surrogate_linf_actor"], self.eps,
@@ -176,6 +178,7 @@ class LipschitzCallback(L.Callback):
         theta, theta_p = self._weights(pl_module, "actor", update.before), self._weights(pl_module, "actor")
         dist = parameter_distance(theta, theta_p)
         row["lipschitz/delta_theta"] = dist
+        row["lipschitz/c"] = c  # c of the σ at this update (a learned σ moves: the figures use the σ of their time)
         row["lipschitz/thm3_robustness_gap"] = alpha * c * row["lipschitz/surrogate_linf_actor_after"] * self.eps
         states = self._recent_states(trainer, self.path_states)
         if states is not None:

@@ -239,13 +239,18 @@ def test_a_real_runs_certified_bound_is_for_the_attacks_linf_ball(small_cfg, tmp
     lip = on_disk["lipschitz"]
     last = lip["last_mask_update"]
     assert lip["mask_updates"] == 2 and lip["ball"] == "linf"
-    assert last["thm3_robustness_gap"] == pytest.approx(alpha * c * last["surrogate_linf_actor_after"] * eps, rel=1e-6)
+    assert last["c"] > 0 and (last["c"] != c) == (cfg["algo"]["model"]["learn_std"] is True)  # σ moved (learned) or not
+    assert last["thm3_robustness_gap"] == pytest.approx(alpha * last["c"] * last["surrogate_linf_actor_after"] * eps,
+                                                        rel=1e-6)
     assert last["surrogate_actor_after"] < last["surrogate_linf_actor_after"] <= math.sqrt(d) * last["surrogate_actor_after"]
     # the local figure is an estimate for the ℓ∞ ball, never above the certified bound
     rows = [r for r in read_metrics(run) if "lipschitz/local_estimate" in r]
     assert rows and "lipschitz/local_bound" not in {k for r in read_metrics(run) for k in r}
     for r in rows:
         assert 0 < r["lipschitz/local_estimate"] <= r["lipschitz/certified_bound"]
-        assert r["lipschitz/local_estimate"] == pytest.approx(alpha * c * r["lipschitz/jacobian_linf_max"] * eps, rel=1e-6)
+        assert r["lipschitz/c"] == pytest.approx(1 / math.sqrt(2 * math.pi * r["lipschitz/sigma_min"] ** 2), rel=1e-6)
+        assert r["lipschitz/local_estimate"] == pytest.approx(alpha * r["lipschitz/c"] * r["lipschitz/jacobian_linf_max"] * eps,
+                                                              rel=1e-6)
         assert r["lipschitz/jacobian_linf_max"] > r["lipschitz/jacobian_max"]  # ‖|J|𝟙‖₂ ≥ ‖J‖_F ≥ ‖J‖_op
-        assert r["lipschitz/certified_bound"] == pytest.approx(alpha * c * r["lipschitz/surrogate_linf_actor"] * eps, rel=1e-6)
+        assert r["lipschitz/certified_bound"] == pytest.approx(
+            alpha * r["lipschitz/c"] * r["lipschitz/surrogate_linf_actor"] * eps, rel=1e-6)
