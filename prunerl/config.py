@@ -52,6 +52,7 @@ def validate_fit(cfg: DictConfig) -> None:
         raise ConfigError(f"algo.kappa={algo.kappa} is negative; κ must be >= 0 (0 turns SA off)")
     total = _positive_int("total_frames", cfg.total_frames)
     n_envs = _positive_int("env.num_envs", env.num_envs)
+    _positive_int("env.threads", env.get("threads", 1))
     fpb = _positive_int("algo.frames_per_batch", algo.frames_per_batch)
     mbs = _positive_int("algo.minibatches", algo.minibatches)
     _positive_int("algo.epochs", algo.epochs)

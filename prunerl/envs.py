@@ -14,6 +14,7 @@ Data conventions (kept by every consumer: collector, attacks, evaluation):
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -66,9 +67,11 @@ class MujocoVecEnv(EnvBase):
     Done envs are reset by TorchRL's partial reset (``_reset`` mask), which the collector issues.
     """
 
-    def __init__(self, env_id: str, num_envs: int, seed: int = 0):
+    def __init__(self, env_id: str, num_envs: int, seed: int = 0, threads: int = 1):
         if env_id not in ENV_IDS:
             raise ValueError(f"env_id={env_id!r} is not a known task; allowed: {sorted(ENV_IDS)}")
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"env.threads={threads!r} must be a positive integer")
         super().__init__(batch_size=torch.Size([num_envs]), device=torch.device("cpu"))
         self.env_id = env_id
         self.num_envs = num_envs
@@ -102,6 +105,13 @@ class MujocoVecEnv(EnvBase):
         self._ep_length = np.zeros((num_envs, 1), dtype=np.int64)
         self._seeds: list[int | None] = [seed + i for i in range(num_envs)]
         self._restored = False
+        # Stepping in threads: MuJoCo's mj_step (~75% of a Gymnasium Hopper step here) releases the
+        # GIL, so with threads=2 the envs' physics runs on both cores. Each env keeps its own
+        # MjData and RNG, so the trajectories are bit-identical to threads=1 (tests/test_envs.py).
+        self.threads = min(threads, num_envs)
+        bounds = np.linspace(0, num_envs, self.threads + 1).round().astype(int)
+        self._chunks = list(zip(bounds[:-1], bounds[1:]))
+        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
 
     @property
     def obs_dim(self) -> int:
@@ -148,12 +158,22 @@ class MujocoVecEnv(EnvBase):
         reward = np.empty((n, 1), dtype=np.float32)
         terminated = np.empty((n, 1), dtype=bool)
         truncated = np.empty((n, 1), dtype=bool)
-        for i, env in enumerate(self.envs):
-            obs, r, term, trunc, _ = env.step(actions[i])
-            self._obs[i] = obs
-            reward[i] = r
-            terminated[i] = term
-            truncated[i] = trunc
+
+        def step_envs(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                obs, r, term, trunc, _ = self.envs[i].step(actions[i])
+                self._obs[i] = obs
+                reward[i] = r
+                terminated[i] = term
+                truncated[i] = trunc
+
+        if self._pool is None:
+            step_envs(0, n)
+        else:
+            others = [self._pool.submit(step_envs, lo, hi) for lo, hi in self._chunks[1:]]
+            step_envs(*self._chunks[0])
+            for f in others:
+                f.result()
         self._ep_return += reward
         self._ep_length += 1
         return TensorDict(
@@ -216,6 +236,8 @@ class MujocoVecEnv(EnvBase):
         self._restored = True
 
     def close(self, *, raise_if_closed: bool = True) -> None:  # noqa: D102
+        if self._pool is not None:
+            self._pool.shutdown()
         for env in self.envs:
             env.close()
         super().close(raise_if_closed=raise_if_closed)
@@ -330,13 +352,13 @@ class RunningNormalizer(Transform):
 
 
 def make_env(task: str | Task, num_envs: int, seed: int, *, gamma: float = 0.99, clip_obs: float = 10.0,
-             scale_reward: bool = True) -> TransformedEnv:
+             scale_reward: bool = True, threads: int = 1) -> TransformedEnv:
     """The training/evaluation env: batched MuJoCo task + :class:`RunningNormalizer`."""
     if isinstance(task, str):
         if task not in TASKS:
             raise ValueError(f"env={task!r} is not a known task; allowed: {sorted(TASKS)}")
         task = TASKS[task]
-    base = MujocoVecEnv(task.env_id, num_envs, seed=seed)
+    base = MujocoVecEnv(task.env_id, num_envs, seed=seed, threads=threads)
     env = TransformedEnv(base, RunningNormalizer(base.obs_dim, num_envs, clip=clip_obs, gamma=gamma,
                                                  scale_reward=scale_reward))
     env.set_seed(seed)

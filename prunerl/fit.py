@@ -51,7 +51,8 @@ def build_env(cfg: DictConfig):
                                   gamma=cfg.algo.gamma, clip_obs=cfg.env.clip_obs,
                                   scale_reward=cfg.env.scale_reward)
     return make_env(cfg.env.name, cfg.env.num_envs, cfg.seed, gamma=cfg.algo.gamma,
-                    clip_obs=cfg.env.clip_obs, scale_reward=cfg.env.scale_reward)
+                    clip_obs=cfg.env.clip_obs, scale_reward=cfg.env.scale_reward,
+                    threads=cfg.env.get("threads", 1))
 
 
 def task_eps(cfg: DictConfig) -> float:

@@ -32,7 +32,7 @@ from prunerl.rundir import read_summary
 UNPRUNED = "none"
 
 # Where and how a run was written, not what it computed: left out when comparing configs.
-IGNORED = ("run_dir", "resume", "skip_finished", "hydra", "logger", "device", "torch_threads", "checkpoint",
+IGNORED = ("run_dir", "resume", "skip_finished", "hydra", "logger", "device", "torch_threads", "env.threads", "checkpoint",
            "victim", "trainer.accelerator", "trainer.devices", "trainer.enable_model_summary",
            "trainer.log_every_n_steps", "callbacks.progress")
 # The sweep's own axes: a setting is everything else.

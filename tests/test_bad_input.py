@@ -27,6 +27,7 @@ def cli(*args, cwd=None):
         (["algo.frames_per_batch=1020"], "algo.frames_per_batch=1020 is not divisible by env.num_envs=8"),
         (["algo.minibatches=7"], "algo.frames_per_batch=1024 is not divisible by algo.minibatches=7"),
         (["total_frames=0"], "total_frames=0 must be a positive integer"),
+        (["env.threads=0"], "env.threads=0 must be a positive integer"),
         (["device=tpu"], "device='tpu' is not allowed; allowed: ['auto', 'cpu', 'cuda']"),
         (["algo.model.activation=gelu"], "algo.model.activation='gelu' is not allowed"),
         (["resume=/no/such/file.ckpt"], "resume=/no/such/file.ckpt does not exist"),
