@@ -34,7 +34,7 @@ def write_run(base_cfg):
 
     def write(root, name, *, method="magnitude", sparsity=0.5, seed=0, kappa=0.3, clean, attacks, interval=15,
               eps=None, frames=None, deterministic=True, episodes=10, lipschitz=None, bound=None,
-              stochastic=None, victim=None, env="hopper", device="cpu"):
+              stochastic=None, victim=None, env="hopper", device="cpu", ball="linf"):
         d = Path(root) / name
         cfg = OmegaConf.create(base_cfg)
         cfg.seed, cfg.algo.kappa, cfg.device = seed, kappa, device
@@ -61,6 +61,8 @@ def write_run(base_cfg):
             "evaluation": {"eps": cfg.env.eps, "episodes": episodes, "deterministic": deterministic,
                            "frames": cfg.total_frames},
         }
+        if ball is not None:  # older summaries have no certified_bound_ball
+            summary["certified_bound_ball"] = ball
         if stochastic is not None:
             summary["evaluation_stochastic"] = {"clean_return": stochastic[0], "attack_returns": stochastic[1]}
         run.write_summary(summary)
@@ -565,3 +567,15 @@ def test_report_on_small_real_runs(small_cfg, tmp_path):
     csv_text = (out / "aggregated.csv").read_text()
     for col in ("random_mean", "mad_mean_lo", "lipschitz_mean_hi", "bound_mean", "robust_worst_lo"):
         assert col in csv_text
+
+
+def test_an_older_runs_l2_ball_figure_is_not_read_as_the_certified_bound(tmp_path, write_run):
+    """Summaries from before the ℓ∞-ball bound hold α·c·L̃·ε for an ℓ2 ball of radius ε under
+    `certified_bound`: the report reads the bound only where `certified_bound_ball` says "linf"."""
+    from prunerl.runset import read_runs
+
+    write_run(tmp_path, "new", clean=1.0, attacks={"mad": 1.0}, lipschitz=2.0, bound=30.0)
+    write_run(tmp_path, "old", seed=1, clean=1.0, attacks={"mad": 1.0}, lipschitz=2.0, bound=10.0, ball=None)
+    runs = {r.path.name: r for r in read_runs(tmp_path).runs}
+    assert runs["new"].bound == 30.0 and runs["old"].bound is None
+    assert runs["old"].lipschitz == 2.0  # L̃ itself is the same quantity in both
