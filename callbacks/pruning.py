@@ -23,8 +23,9 @@ stopped.
 
 Integrity checks (``checks``; cumulative counts of faults, each 0 in a correct run; logged as
 ``prune/checks/<name>`` and in ``summary.json`` under ``pruning_checks``):
-- ``pruned_nonzero_after_step``: pruned weight entries an optimiser step left non-zero, summed
-  over steps (not magnitude-STE, whose step moves the dense copy by design);
+- ``pruned_nonzero_after_step``: optimiser steps after which a pruned weight entry was non-zero
+  (not magnitude-STE, whose step moves the dense copy by design); a step's check is two fused
+  ops (~40 µs for 2×256 networks), no device sync;
 - ``pruned_nonzero_at_rollout_end``: pruned entries non-zero in the module's weights at the end
   of a rollout, when the collector is about to use them (every criterion, magnitude-STE too);
 - ``pruned_nonzero_on_resume``: pruned entries non-zero in the weights a resumed run loaded;
@@ -197,7 +198,7 @@ class PruningCallback(L.Callback):
                 for n, d in self.dense.items():
                     d.copy_(self.params[n])
         elif self.masks:  # with masked gradients and moments the step cannot have moved them
-            leaked = self._count_pruned_nonzero()
+            leaked = self._step_leaked()
             self._leaked = leaked if self._leaked is None else self._leaked + leaked
         self._apply_masks()
         t = trainer.global_step
@@ -214,6 +215,17 @@ class PruningCallback(L.Callback):
         mult = self._mults()
         if mult:
             torch._foreach_mul_([self.params[n] for n in mult], list(mult.values()))
+
+    @torch.no_grad()
+    def _step_leaked(self) -> torch.Tensor:
+        """1 if a pruned entry of the module's weights is non-zero, else 0 (a tensor: no device sync).
+        ‖W ⊙ (1 − M)‖ per weight with two fused ops: ~15× cheaper than counting the entries."""
+        mult = self._mults()
+        if getattr(self, "_inv_of", None) is not mult:  # 1 − M, cached with the masks' float copies
+            self._inv, self._inv_of = {n: 1 - m for n, m in mult.items()}, mult
+        names = list(mult)
+        pruned = torch._foreach_mul([self.params[n] for n in names], [self._inv[n] for n in names])
+        return (torch.stack(torch._foreach_norm(pruned)).sum() > 0).to(torch.long)
 
     @torch.no_grad()
     def _count_pruned_nonzero(self) -> torch.Tensor:

@@ -233,8 +233,8 @@ class LeakGradient(L.Callback):
 def test_a_step_that_moves_pruned_weights_is_counted_and_undone():
     module, cb, rec = _pruned_run("magnitude", [LeakGradient()])
     pruned = sum(int((~m).sum()) for m in cb.masks.values())
-    # every sparse update (t = 2..5) moved every pruned weight: counted, then masked again
-    assert cb.checks["pruned_nonzero_after_step"] == (STEPS - 1) * pruned
+    # every sparse update (t = 2..5) moved the pruned weights: each such step counted, then masked again
+    assert pruned > 0 and cb.checks["pruned_nonzero_after_step"] == STEPS - 1
     assert all((s["param"][~_keep_flat(module, cb.masks)] == 0).all() for s in rec.steps)
     assert cb.checks["pruned_nonzero_at_rollout_end"] == 0
 
