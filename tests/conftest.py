@@ -37,3 +37,45 @@ def small_cfg(tmp_path):
         return compose_cfg(run_dir or tmp_path / "run", *SMALL, *overrides)
 
     return make
+
+
+# -- the pruning callback's hooks driven by hand (tests/test_pruning*.py) ------------------------
+class TinyModule(torch.nn.Module):
+    """A stand-in for PPOModule: actor.mean_net and critic.value_net, total_updates."""
+
+    def __init__(self, total_updates=100):
+        super().__init__()
+        from prunerl.models import Critic, GaussianActor
+
+        torch.manual_seed(0)
+        self.actor = GaussianActor(4, 2, (16, 16))
+        self.critic = Critic(4, (16, 16))
+        self.total_updates = total_updates
+
+
+class FakeTrainer:
+    """What the pruning callback reads of a Trainer: the update counter, its optimisers."""
+
+    def __init__(self):
+        self.global_step = 0
+        self.optimizers: list = []
+        self.datamodule = None
+
+
+def callback_steps(module, cb, trainer, n, lr=1e-2):
+    """n Adam updates calling the callback's hooks as Lightning does (one optimiser kept on the
+    trainer, so the callback can zero its moments)."""
+    if not trainer.optimizers:
+        trainer.optimizers = [torch.optim.Adam(list(module.parameters()), lr=lr)]
+    opt = trainer.optimizers[0]
+    for group in opt.param_groups:
+        group["lr"] = lr
+    x = torch.randn(64, 4)
+    for _ in range(n):
+        opt.zero_grad()
+        (module.actor(x).pow(2).sum() - module.critic(x).sum()).backward()
+        cb.on_after_backward(trainer, module)
+        cb.on_before_optimizer_step(trainer, module, opt)
+        opt.step()
+        trainer.global_step += 1
+        cb.on_train_batch_end(trainer, module, None, None, 0)

@@ -11,6 +11,7 @@ from prunerl.fit import fit
 from prunerl.pruning import (compute_masks, cubic_sparsity, erk_densities, is_mask_update,
                              layer_prune_counts, saliency_scores, schedule_bounds, sparsity_of)
 from prunerl.rundir import read_metrics
+from tests.conftest import FakeTrainer, TinyModule, callback_steps
 
 
 def test_cubic_schedule_matches_zhu_gupta_formula():
@@ -111,45 +112,13 @@ def test_saliency_ranks_by_abs_weight_times_gradient():
     assert keep.tolist() == [[True, False, True, False]]
 
 
-class _Tiny(torch.nn.Module):
-    """A stand-in for PPOModule: actor.mean_net and critic.value_net, total_updates."""
-
-    def __init__(self, total_updates=100):
-        super().__init__()
-        from prunerl.models import Critic, GaussianActor
-
-        torch.manual_seed(0)
-        self.actor = GaussianActor(4, 2, (16, 16))
-        self.critic = Critic(4, (16, 16))
-        self.total_updates = total_updates
-
-
-class _Trainer:
-    def __init__(self):
-        self.global_step = 0
-
-
-def _adam_steps(module, cb, trainer, n):
-    opt = torch.optim.Adam(list(module.parameters()), lr=1e-2)
-    x = torch.randn(64, 4)
-    for _ in range(n):
-        opt.zero_grad()
-        loss = module.actor(x).pow(2).sum() - module.critic(x).sum()
-        loss.backward()
-        cb.on_after_backward(trainer, module)
-        cb.on_before_optimizer_step(trainer, module, opt)
-        opt.step()
-        trainer.global_step += 1
-        cb.on_train_batch_end(trainer, module, None, None, 0)
-
-
 def test_masked_weights_stay_exactly_zero_after_many_adam_steps():
-    module, trainer = _Tiny(total_updates=400), _Trainer()
+    module, trainer = TinyModule(total_updates=400), FakeTrainer()
     cb = PruningCallback("magnitude", final_sparsity=0.6, burn_in=0.0, end=0.1, interval=5)
     cb.setup(trainer, module)
-    _adam_steps(module, cb, trainer, 40)  # past t_end = 40: final masks in place
+    callback_steps(module, cb, trainer, 40)  # past t_end = 40: final masks in place
     masks = {n: m.clone() for n, m in cb.masks.items()}
-    _adam_steps(module, cb, trainer, 300)  # Adam's moments keep pushing on the pruned entries
+    callback_steps(module, cb, trainer, 300)  # Adam's moments keep pushing on the pruned entries
     for n, p in cb.params.items():
         assert torch.equal(cb.masks[n], masks[n])
         assert (p[~masks[n]] == 0).all(), n
@@ -158,16 +127,16 @@ def test_masked_weights_stay_exactly_zero_after_many_adam_steps():
 
 
 def test_magnitude_ste_lets_a_pruned_weight_come_back():
-    module, trainer = _Tiny(total_updates=1000), _Trainer()
+    module, trainer = TinyModule(total_updates=1000), FakeTrainer()
     cb = PruningCallback("magnitude_ste", final_sparsity=0.5, burn_in=0.0, end=0.5, interval=10)
     cb.setup(trainer, module)
-    _adam_steps(module, cb, trainer, 10)  # first mask update at t = 10
+    callback_steps(module, cb, trainer, 10)  # first mask update at t = 10
     name = "actor.mean_net.2.weight"
     pruned = ~cb.masks[name]
     i = tuple(pruned.nonzero()[0].tolist())
     assert module.actor.mean_net[2].weight[i] == 0
     cb.dense[name][i] = 100.0  # as if straight-through gradients had grown it
-    _adam_steps(module, cb, trainer, 10)  # next mask update at t = 20
+    callback_steps(module, cb, trainer, 10)  # next mask update at t = 20
     assert cb.masks[name][i] and module.actor.mean_net[2].weight[i] != 0
     assert cb.regrown >= 1
     # the forward always uses W⊙M: between steps the module holds masked weights only
@@ -176,13 +145,13 @@ def test_magnitude_ste_lets_a_pruned_weight_come_back():
 
 
 def test_magnitude_without_ste_never_brings_a_weight_back():
-    module, trainer = _Tiny(total_updates=1000), _Trainer()
+    module, trainer = TinyModule(total_updates=1000), FakeTrainer()
     cb = PruningCallback("magnitude", final_sparsity=0.5, burn_in=0.0, end=0.5, interval=10)
     cb.setup(trainer, module)
-    _adam_steps(module, cb, trainer, 10)
+    callback_steps(module, cb, trainer, 10)
     name = "actor.mean_net.2.weight"
     before = cb.masks[name].clone()
-    _adam_steps(module, cb, trainer, 100)
+    callback_steps(module, cb, trainer, 100)
     assert not (cb.masks[name] & ~before).any()
 
 
@@ -277,10 +246,10 @@ def test_checkpoint_round_trip_restores_masks_and_schedule_position(small_cfg, t
 
 
 def test_scope_actor_prunes_only_the_actors_weight_matrices():
-    module, trainer = _Tiny(total_updates=100), _Trainer()
+    module, trainer = TinyModule(total_updates=100), FakeTrainer()
     cb = PruningCallback("magnitude", final_sparsity=0.5, burn_in=0.0, end=0.2, interval=5, scope="actor")
     cb.setup(trainer, module)
-    _adam_steps(module, cb, trainer, 30)
+    callback_steps(module, cb, trainer, 30)
     assert set(cb.masks) == {"actor.mean_net.0.weight", "actor.mean_net.2.weight", "actor.mean_net.4.weight"}
     rep = cb.sparsity_report(module)
     assert rep["actor"] == pytest.approx(0.5, abs=1e-3) and rep["critic"] == 0.0

@@ -21,6 +21,7 @@ import callbacks.pruning as pruning_cb
 from callbacks.lipschitz import LipschitzCallback
 from callbacks.pruning import CHECKS, MaskUpdate, PruningCallback
 from prunerl.fit import fit
+from tests.conftest import FakeTrainer, TinyModule, callback_steps
 from prunerl.models import Critic, GaussianActor
 from prunerl.module import PPOModule
 from prunerl.rundir import read_metrics
@@ -260,40 +261,6 @@ def test_a_pruned_weight_nonzero_at_the_end_of_a_rollout_is_counted(criterion):
 
 
 # -- mask updates --------------------------------------------------------------------------------
-class _Tiny(torch.nn.Module):
-    def __init__(self, total_updates=100):
-        super().__init__()
-        torch.manual_seed(0)
-        self.actor = GaussianActor(4, 2, (16, 16))
-        self.critic = Critic(4, (16, 16))
-        self.total_updates = total_updates
-
-
-class _Trainer:
-    def __init__(self):
-        self.global_step = 0
-        self.optimizers: list = []
-        self.datamodule = None
-
-
-def _steps(module, cb, trainer, n, lr=1e-2):
-    """n optimiser updates calling the callback's hooks as Lightning does."""
-    if not trainer.optimizers:
-        trainer.optimizers = [torch.optim.Adam(list(module.parameters()), lr=lr)]
-    opt = trainer.optimizers[0]
-    for group in opt.param_groups:
-        group["lr"] = lr
-    x = torch.randn(64, 4)
-    for _ in range(n):
-        opt.zero_grad()
-        (module.actor(x).pow(2).sum() - module.critic(x).sum()).backward()
-        cb.on_after_backward(trainer, module)
-        cb.on_before_optimizer_step(trainer, module, opt)
-        opt.step()
-        trainer.global_step += 1
-        cb.on_train_batch_end(trainer, module, None, None, 0)
-
-
 def _faulty(fault):
     real = pruning_cb.compute_masks
 
@@ -314,10 +281,10 @@ def _faulty(fault):
 @pytest.mark.parametrize("fault, check", [("regrow", "mask_regrown_entries"), ("overprune", "mask_count_off_entries")])
 def test_a_mask_update_that_loses_entries_it_should_keep_is_counted(monkeypatch, fault, check):
     monkeypatch.setattr(pruning_cb, "compute_masks", _faulty(fault))
-    module, trainer = _Tiny(total_updates=400), _Trainer()
+    module, trainer = TinyModule(total_updates=400), FakeTrainer()
     cb = PruningCallback("magnitude", final_sparsity=0.6, burn_in=0.0, end=0.1, interval=5)
     cb.setup(trainer, module)
-    _steps(module, cb, trainer, 40)  # mask updates at t = 5, 10, ..., 40: 8 of them, 2 networks each
+    callback_steps(module, cb, trainer, 40)  # mask updates at t = 5, 10, ..., 40: 8 of them, 2 networks each
     assert cb.mask_updates == 8
     if fault == "regrow":  # each update after the first (which has no previous mask), each network
         assert cb.checks[check] == 7 * 2
@@ -327,26 +294,26 @@ def test_a_mask_update_that_loses_entries_it_should_keep_is_counted(monkeypatch,
 
 
 def test_magnitude_ste_regrowth_is_not_a_fault():
-    module, trainer = _Tiny(total_updates=1000), _Trainer()
+    module, trainer = TinyModule(total_updates=1000), FakeTrainer()
     cb = PruningCallback("magnitude_ste", final_sparsity=0.5, burn_in=0.0, end=0.5, interval=10)
     cb.setup(trainer, module)
-    _steps(module, cb, trainer, 10)
+    callback_steps(module, cb, trainer, 10)
     name = "actor.mean_net.2.weight"
     i = tuple((~cb.masks[name]).nonzero()[0].tolist())
     cb.dense[name][i] = 100.0  # as if straight-through gradients had grown it
-    _steps(module, cb, trainer, 10)
+    callback_steps(module, cb, trainer, 10)
     assert cb.masks[name][i] and cb.regrown >= 1
     assert cb.checks == dict.fromkeys(CHECKS, 0)
 
 
 def test_a_trainer_that_skips_the_gradient_masking_hook_is_caught():
     # a loop that never calls on_after_backward: Adam moves the pruned weights at every step
-    module, trainer = _Tiny(total_updates=400), _Trainer()
+    module, trainer = TinyModule(total_updates=400), FakeTrainer()
     cb = PruningCallback("magnitude", final_sparsity=0.6, burn_in=0.0, end=0.1, interval=5)
     cb.setup(trainer, module)
-    _steps(module, cb, trainer, 5)
+    callback_steps(module, cb, trainer, 5)
     cb.on_after_backward = lambda *a: None
-    _steps(module, cb, trainer, 3)
+    callback_steps(module, cb, trainer, 3)
     cb.on_train_epoch_end(trainer, module)
     assert cb.checks["pruned_nonzero_after_step"] > 0
     assert cb.checks["pruned_nonzero_at_rollout_end"] == 0  # reapplied after every step
@@ -362,16 +329,16 @@ def _with_lipschitz(module, trainer, interval=5):
 
 
 def test_surrogate_growth_between_mask_updates_is_a_figure_not_a_violation():
-    module, trainer = _Tiny(total_updates=400), _Trainer()
+    module, trainer = TinyModule(total_updates=400), FakeTrainer()
     cb, lip = _with_lipschitz(module, trainer)
-    _steps(module, cb, trainer, 5)  # first mask update
+    callback_steps(module, cb, trainer, 5)  # first mask update
     assert "lipschitz/surrogate_growth_since_mask_update_actor" not in lip.last_update
     after = lip.last_update["lipschitz/surrogate_actor_after"]
     with torch.no_grad():  # training that doubles every actor weight matrix: L̃ × 2³
         for m in module.actor.mean_net:
             if isinstance(m, nn.Linear):
                 m.weight.mul_(2)
-    _steps(module, cb, trainer, 5, lr=0.0)  # next mask update at t = 10, no training in between
+    callback_steps(module, cb, trainer, 5, lr=0.0)  # next mask update at t = 10, no training in between
     row = lip.last_update
     assert row["lipschitz/surrogate_growth_since_mask_update_actor"] == pytest.approx(8.0, rel=1e-6)
     assert row["lipschitz/surrogate_actor_before"] == pytest.approx(8 * after, rel=1e-6)
@@ -381,9 +348,9 @@ def test_surrogate_growth_between_mask_updates_is_a_figure_not_a_violation():
 
 
 def test_thm1_sanity_check_counts_weights_that_are_not_a_pruning_of_before():
-    module, trainer = _Tiny(total_updates=400), _Trainer()
+    module, trainer = TinyModule(total_updates=400), FakeTrainer()
     cb, lip = _with_lipschitz(module, trainer)
-    _steps(module, cb, trainer, 5)
+    callback_steps(module, cb, trainer, 5)
     assert lip.thm1_violations == 0
     # fault: the weights after a "mask update" are larger than what the masks were applied to
     before = {n: p.detach() * 0.5 for n, p in cb.params.items()}
