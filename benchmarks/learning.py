@@ -48,6 +48,7 @@ from benchmarks._common import (FRAMES_PER_BATCH, REPO, compose_prunerl, ensure_
                                 prunerl_overrides, sb3_ppo, single_thread_env, write_json)
 
 LAST_EPISODES = 20
+EVAL_EPISODES = 20   # deterministic evaluation of the final policy, both sides (a = μ(s))
 GYM_IDS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5", "ant": "Ant-v5"}
 
 
@@ -56,7 +57,7 @@ def default_recipe_overrides(task: str, frames: int, seed: int, run_dir: str) ->
     Lipschitz tracking or attack evaluation (SB3 has none), one torch thread."""
     return [f"env={task}", "algo.kappa=0", "pruning=none", "callbacks.pruning=null", "callbacks.lipschitz=null",
             "callbacks.evaluation=null", "callbacks.progress=null", "logger=none", "torch_threads=1",
-            "device=cpu", f"total_frames={frames}", f"seed={seed}", f"run_dir={run_dir}"]
+            "device=cpu", f"total_frames={frames}", f"seed={seed}", f"run_dir={run_dir}", "skip_finished=true"]
 
 
 # -- workers ---------------------------------------------------------------------------------------
@@ -75,12 +76,23 @@ def _worker_prunerl(args) -> dict:
                                                 extra=["algo.adam_eps=1e-8", f"env={args.task}"]))
     else:
         cfg = compose_prunerl(default_recipe_overrides(args.task, args.frames, args.seed, str(run_dir)))
-    summary = fit(cfg)
+    summary = fit(cfg)  # skip_finished: a finished run (an earlier invocation) is read, not re-trained
     curve = [(r["train/frames"], r["train/episode_return"]) for r in read_metrics(run_dir)
              if "train/frames" in r and r.get("train/episode_return") is not None]
     return {"final_return": summary["train_return"], "frames": summary["frames"],
             "episodes": summary["episodes"], "wall_time_s": summary["wall_time_s"], "sps": summary["sps"],
-            "run_dir": str(run_dir), "num_envs": cfg.env.num_envs, "curve": curve}
+            "run_dir": str(run_dir), "num_envs": cfg.env.num_envs, "curve": curve,
+            "eval_return": _prunerl_eval(run_dir / "checkpoints" / "last.ckpt", args.task)}
+
+
+def _prunerl_eval(ckpt: Path, task: str) -> float:
+    """Mean raw return of EVAL_EPISODES deterministic episodes of the final policy (frozen normaliser)."""
+    from prunerl.evaluate import actor_from_checkpoint
+    from prunerl.config import load_checkpoint
+    from prunerl.evaluation import run_episodes
+
+    actor, norm_state, _ = actor_from_checkpoint(load_checkpoint(ckpt))
+    return run_episodes(actor, norm_state, task, EVAL_EPISODES, deterministic=True, seed=12345)["mean_return"]
 
 
 def _worker_sb3(args) -> dict:
@@ -117,9 +129,20 @@ def _worker_sb3(args) -> dict:
     model.learn(args.frames, callback=curve)
     wall = time.perf_counter() - t0
     returns = [ep["r"] for ep in model.ep_info_buffer][-LAST_EPISODES:]
+    # the final policy, deterministic, with the training normaliser frozen (as PruneRL's evaluation)
+    eval_env = DummyVecEnv([lambda: Monitor(gym.make(GYM_IDS[args.task]))])
+    if not args.sb3_no_normalize:
+        eval_env = VecNormalize(eval_env, training=False, norm_reward=False, clip_obs=10.0)
+        eval_env.obs_rms = env.obs_rms
+    eval_env.seed(12345)
+    obs, finished = eval_env.reset(), []
+    while len(finished) < EVAL_EPISODES:
+        obs, _, done, infos = eval_env.step(model.predict(obs, deterministic=True)[0])
+        finished += [info["episode"]["r"] for d, info in zip(done, infos) if d and "episode" in info]
     return {"final_return": float(np.mean(returns)), "frames": model.num_timesteps,
             "wall_time_s": wall, "sps": model.num_timesteps / wall,
-            "vecnormalize": not args.sb3_no_normalize, "curve": curve.points}
+            "vecnormalize": not args.sb3_no_normalize, "curve": curve.points,
+            "eval_return": float(np.mean(finished))}
 
 
 # -- driver ------------------------------------------------------------------------------------------
@@ -128,15 +151,24 @@ def summarise(args, results: dict[str, dict], pending: list[str]) -> dict:
     for task in args.tasks:
         sides = {}
         for side in ("prunerl", "sb3"):
-            per_seed = {str(s): results[f"{task}_{side}_s{s}"]["final_return"] for s in args.seeds
-                        if f"{task}_{side}_s{s}" in results}
-            sides[side] = {"per_seed": per_seed,
-                           "median": statistics.median(per_seed.values()) if per_seed else None,
+            runs = {str(s): results[f"{task}_{side}_s{s}"] for s in args.seeds if f"{task}_{side}_s{s}" in results}
+            train = {k: r["final_return"] for k, r in runs.items()}
+            evals = {k: r["eval_return"] for k, r in runs.items() if r.get("eval_return") is not None}
+            sides[side] = {"per_seed": train, "median": statistics.median(train.values()) if train else None,
+                           "per_seed_eval": evals,
+                           "median_eval": statistics.median(evals.values()) if evals else None,
                            "runs": {k: v for k, v in results.items() if k.startswith(f"{task}_{side}_")}}
-        p, s = sides["prunerl"]["median"], sides["sb3"]["median"]
-        tasks[task] = {"env_id": GYM_IDS[task], "prunerl": sides["prunerl"], "sb3": sides["sb3"],
-                       "target": {"rule": "PruneRL median >= SB3 median", "prunerl_median": p, "sb3_median": s,
-                                  "pass": (p >= s) if (p is not None and s is not None) else None}}
+
+        def rule(key):
+            p, s = sides["prunerl"][key], sides["sb3"][key]
+            return {"prunerl_median": p, "sb3_median": s,
+                    "pass": (p >= s) if (p is not None and s is not None) else None}
+
+        target = {"rule": f"PruneRL median >= SB3 median of the final policy's deterministic return "
+                          f"({EVAL_EPISODES} episodes)", **rule("median_eval"),
+                  "training_return": {"rule": f"the same on the mean return of the last {LAST_EPISODES} "
+                                              "training episodes (sampled actions)", **rule("median")}}
+        tasks[task] = {"env_id": GYM_IDS[task], "prunerl": sides["prunerl"], "sb3": sides["sb3"], "target": target}
     done = not pending
     verdicts = [t["target"]["pass"] for t in tasks.values()]
     recipe = ({"prunerl": "conf/ defaults (algo=ppo), κ = 0, pruning=none", "sb3": "PPO('MlpPolicy') defaults + VecNormalize"}
@@ -152,7 +184,9 @@ def summarise(args, results: dict[str, dict], pending: list[str]) -> dict:
         "pending": pending,
         "settings": {"frames": args.frames, "seeds": args.seeds, "tasks": args.tasks, **recipe,
                      "sb3_num_envs": 1, "sb3_vecnormalize": not args.sb3_no_normalize,
-                     "figure": f"mean raw return of the last {LAST_EPISODES} training episodes (stochastic policy)"},
+                     "figure": f"the final policy's mean raw return over {EVAL_EPISODES} deterministic episodes "
+                               "(normaliser frozen), and the mean raw return of the last "
+                               f"{LAST_EPISODES} training episodes (sampled actions)"},
         "tasks": tasks,
         "target": {"rule": "on every task, PruneRL median >= SB3 median",
                    "pass": all(verdicts) if verdicts and None not in verdicts else None, "final": done},
@@ -183,7 +217,7 @@ def plot(summary: dict, path: Path) -> None:
                 label = f"{'PruneRL (default recipe, κ=0)' if side == 'prunerl' else 'SB3 PPO (defaults)'}"
                 ax.plot(grid, np.nanmedian(np.asarray(interp), 0), color=color, lw=2, label=label)
         t = summary["tasks"][task]["target"]
-        ax.set(title=f"{summary['tasks'][task]['env_id']}: median {t['prunerl_median'] or 0:,.0f} vs "
+        ax.set(title=f"{summary['tasks'][task]['env_id']}: deterministic {t['prunerl_median'] or 0:,.0f} vs "
                      f"{t['sb3_median'] or 0:,.0f}", xlabel="frames", ylabel="training return (last 20 episodes)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -229,7 +263,7 @@ def main(argv=None) -> int:
         f = args.runs_dir / f"{j}.json"
         if f.exists():
             r = json.loads(f.read_text())
-            if r.get("frames", 0) >= args.frames:
+            if r.get("frames", 0) >= args.frames and (args.recipe == "sb3" or "eval_return" in r):
                 results[j] = r
     todo = [j for j in jobs if j not in results]
     running: dict[str, subprocess.Popen] = {}
@@ -264,8 +298,9 @@ def main(argv=None) -> int:
     plot(summary, args.out.with_suffix(".png"))
     for task, t in summary["tasks"].items():
         t = t["target"]
-        print(f"{task}: PruneRL median {t['prunerl_median']}, SB3 median {t['sb3_median']}: "
-              f"{'PASS' if t['pass'] else 'FAIL'}")
+        print(f"{task}: deterministic return, median PruneRL {t['prunerl_median']} vs SB3 {t['sb3_median']}: "
+              f"{'PASS' if t['pass'] else 'FAIL'}; training return {t['training_return']['prunerl_median']} vs "
+              f"{t['training_return']['sb3_median']}")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
