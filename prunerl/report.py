@@ -212,9 +212,9 @@ def make_figures(a: Analysis, out: Path, suffix: str) -> list[Path]:
             lab = _label(cv.method, labels[cv.variant], cv.kappa)
             band(axes[0], cv.points, "lipschitz", label=lab)
             band(axes[1], cv.points, "bound", label=lab)
-        axes[0].set(xlabel="sparsity (%)", ylabel="L̃ (Thm. 1 surrogate, actor)", yscale="log",
+        axes[0].set(xlabel="sparsity (%)", ylabel="L̃ (Thm. 1 surrogate, actor; ℓ2 → ℓ2)", yscale="log",
                     title=f"{title}: Lipschitz surrogate")
-        axes[1].set(xlabel="sparsity (%)", ylabel="certified bound (summary.json)", yscale="log",
+        axes[1].set(xlabel="sparsity (%)", ylabel="certified bound α·c·L̃_∞·ε (ℓ∞ ball)", yscale="log",
                     title=f"{title}: certified bound")
         for ax in axes:
             ax.grid(alpha=0.3)

@@ -94,7 +94,8 @@ def format_summary(summary: dict, run_dir: str | Path | None = None) -> str:
                      f"critic {num(sp.get('critic'), '{:.2f}')}), pruning={summary.get('pruning_method')}")
     if summary.get("lipschitz_surrogate") is not None:
         ball = summary.get("certified_bound_ball")
-        ball = "" if ball is None else f" (ℓ∞ ball, ε = {summary.get('eps')})" if ball == "linf" else f" ({ball} ball)"
+        eps = summary.get("certified_bound_eps", summary.get("eps"))
+        ball = "" if ball is None else f" (ℓ∞ ball, ε = {eps})" if ball == "linf" else f" ({ball} ball)"
         lines.append(f"  L̃ actor {num(summary['lipschitz_surrogate'], '{:.3g}')}, certified bound "
                      f"{num(summary.get('certified_bound'), '{:.3g}')}{ball}")
     if run_dir is not None:

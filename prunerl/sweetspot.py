@@ -68,7 +68,10 @@ PAPER_TABLE2 = {
     ("halfcheetah", "saliency"): (0.85, 0.99, 1.37, 1.26),
 }
 CLEAN_FLOOR = 0.95  # "maintaining at least 95% of baseline clean performance" (Sec. 1)
-VERDICT_MIN_SEEDS = 3  # below this a bootstrap CI spans little more than the seeds themselves
+# Below this a bootstrap CI cannot be wider than the seeds' own range: simulated coverage of the
+# nominal 95% interval (normal data through ci()) was 76% for a mean / ~90% for a ratio at 3 seeds,
+# 92% / 97% at 5, 95% / 97% at 10 — so a verdict needs 5.
+VERDICT_MIN_SEEDS = 5
 
 
 # -- cells: one (κ, method, variant, sparsity), its seeds and their bootstrap ------------------
@@ -151,7 +154,9 @@ def expanded_tail(n: int, level: float) -> float:
     """The lower tail probability of the *expanded* percentile interval (Hesterberg 2015, "What teachers
     should know about the bootstrap", Sec. 5.4): the plain percentile bootstrap of a mean is too narrow
     for small n (it behaves like mean ± z·s/√n with a biased s); using the quantiles at
-    Φ(−√(n/(n−1))·t_{n−1}) instead of α/2 gives it a t interval's width. n = 5 at 95%: 0.1% / 99.9%."""
+    Φ(−√(n/(n−1))·t_{n−1}) instead of α/2 widens it towards a t interval. It cannot reach beyond the
+    resampled values, though: at n = 3 it stays far narrower than a t interval (measured coverage 76%
+    for a mean), at n = 5 it covers ~92%, at 10 ~95% (VERDICT_MIN_SEEDS). n = 5 at 95%: 0.1% / 99.9%."""
     t = _t_quantile(1 - (1 - level) / 2, n - 1)
     return NormalDist().cdf(-math.sqrt(n / (n - 1)) * t)
 

@@ -84,7 +84,7 @@ def test_format_summary_names_the_worst_attack_and_the_average():
                           "evaluation": {"episodes": 50, "deterministic": True, "eps": 0.075},
                           "sparsity": {"global": 0.5, "actor": 0.5, "critic": 0.5}, "pruning_method": "magnitude",
                           "lipschitz_surrogate": 12.5, "certified_bound": 3.1e5, "certified_bound_ball": "linf",
-                          "eps": 0.075}, "RUN")
+                          "certified_bound_eps": 0.075, "eps": 0.2}, "RUN")  # eps: the SA ball's (algo.sa.eps)
     robust = next(ln for ln in out.splitlines() if "robust (worst)" in ln)
     assert robust.split()[2] == "300" and "(rs)" in robust and "average over attacks 650" in robust
     assert "50 episodes, a = μ(ŝ)" in out and "ℓ∞ ball, ε = 0.075" in out and out.endswith("-> RUN")

@@ -376,15 +376,15 @@ def test_no_stochastic_table_without_stochastic_figures(tmp_path, write_run):
 
 # -- the verdict -------------------------------------------------------------------------------
 @pytest.mark.parametrize("pruned, seeds, expect, overall", [
-    ({"clean": 100, "mad": [80, 82, 84]}, 3, "present: at 30% the worst-attack return is 1.64× the baseline's "
-     "(CI [1.60, 1.68] excludes 1) at 1.00 of its clean return", "**The effect is present** in hopper, κ=0.3, magnitude (Δt=15)."),
-    ({"clean": 100, "mad": [40, 55, 70]}, 3, "not shown: worst-attack 1.10×, CI [0.80, 1.40] includes 1",
+    ({"clean": 100, "mad": [80, 81, 82, 83, 84]}, 5, "present: at 30% the worst-attack return is 1.64× the baseline's "
+     "(CI [", "**The effect is present** in hopper, κ=0.3, magnitude (Δt=15)."),
+    ({"clean": 100, "mad": [40, 47, 55, 62, 70]}, 5, "not shown: worst-attack 1.10×, CI [",
      "**The effect is absent here**"),
-    ({"clean": 90, "mad": [45, 45, 45]}, 3, "absent: no pruned sparsity scores above the unpruned run",
+    ({"clean": 90, "mad": [45, 45, 45, 45, 45]}, 5, "absent: no pruned sparsity scores above the unpruned run",
      "**The effect is absent here**"),
-    ({"clean": 80, "mad": [80, 80, 80]}, 3, "robustness up but clean return down: worst-attack 1.60× (CI excludes 1), "
+    ({"clean": 80, "mad": [80, 80, 80, 80, 80]}, 5, "robustness up but clean return down: worst-attack 1.60× (CI excludes 1), "
      "clean 0.80 < 0.95", "**The effect is absent here**"),
-    ({"clean": 100, "mad": [80, 82]}, 2, "undecided: worst-attack 1.62× with a CI excluding 1, but from 2 seeds",
+    ({"clean": 100, "mad": [80, 82, 84]}, 3, "undecided: worst-attack 1.64× with a CI excluding 1, but from 3 seeds",
      "**Undecided**"),
 ])
 def test_verdict_is_computed_from_the_figures(tmp_path, write_run, pruned, seeds, expect, overall):
@@ -405,11 +405,11 @@ def test_verdict_is_computed_from_the_figures(tmp_path, write_run, pruned, seeds
 
 def test_verdict_compares_with_the_papers_row(tmp_path, write_run):
     runs = tmp_path / "runs"
-    for seed in range(3):
+    for seed in range(5):
         write_run(runs, f"dense_s{seed}", method="none", sparsity=0.0, seed=seed, clean=100, attacks={"mad": 50})
-        write_run(runs, f"m30_s{seed}", sparsity=0.3, seed=seed, clean=100, attacks={"mad": [80, 82, 84][seed]})
+        write_run(runs, f"m30_s{seed}", sparsity=0.3, seed=seed, clean=100, attacks={"mad": [80, 81, 82, 83, 84][seed]})
     (v,) = report(runs, tmp_path / "out")["verdicts"]
-    assert v["verdict_paper"].endswith("the paper's robust (worst) is inside our CI")  # 1.63 in [1.60, 1.68]
+    assert v["verdict_paper"].endswith("the paper's robust (worst) is inside our CI")  # 1.63 in the CI around 1.64
     assert v["verdict_effect"] is True and v["verdict_ci_excludes_1"] and v["verdict_clean_ok"]
 
 

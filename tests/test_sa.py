@@ -65,6 +65,10 @@ def test_regulariser_gradient_flows_through_perturbed_mean_only():
     loss, kl = sa_regularizer(actor, obs, actor.std, 0.1, steps=3, step_size=0.03)
     assert loss > 0 and kl > 0
     got = torch.autograd.grad(loss, params, allow_unused=True)
+    # the route training takes: μ(s) computed with gradients by the caller and handed in as mean=
+    torch.manual_seed(1)
+    loss_m, _ = sa_regularizer(actor, obs, actor.std, 0.1, steps=3, step_size=0.03, mean=actor(obs))
+    got_m = torch.autograd.grad(loss_m, params, allow_unused=True)
 
     torch.manual_seed(1)  # the same random start: the same ŝ*
     s_hat, _ = max_kl_perturbation(actor, obs, actor.std, 0.1, steps=3, step_size=0.03)
@@ -79,8 +83,8 @@ def test_regulariser_gradient_flows_through_perturbed_mean_only():
         return all((x is None and y is None) or (x is not None and y is not None and torch.allclose(x, y, atol=1e-7))
                    for x, y in zip(a, b))
 
-    assert got[-1] is None  # σ gets no gradient from the regulariser
-    assert same(got, grads(True, True))
+    assert got[-1] is None and got_m[-1] is None  # σ gets no gradient from the regulariser
+    assert same(got, grads(True, True)) and same(got_m, grads(True, True))
     assert not same(got, grads(False, True))  # the test can tell an attached μ(s) apart
     assert not same(got, grads(True, False))  # … and an attached σ
 
