@@ -9,8 +9,8 @@ attacks) at the current update t, and with ``stochastic: true`` the same under `
 The last evaluation goes to ``summary.json``: ``clean_return``, ``attack_returns``,
 ``robust_return``, ``robust_return_avg`` (in the mode ``evaluation.deterministic`` says),
 ``evaluation_stochastic`` = ``{"clean_return", "attack_returns"}`` with sampled actions (when
-``stochastic: true``), and the settings, standard deviations and Robust Sarsa's scan under
-``evaluation``. The default is 10 episodes, deterministic only, to keep ``fit`` quick;
+``stochastic: true``), and the settings, standard deviations and the trained attacks' scans
+(``rs_scan``, ``optimal_scan``) under ``evaluation``. The default is 10 episodes, deterministic only, to keep ``fit`` quick;
 ``python -m prunerl evaluate`` defaults to 50 episodes, both modes.
 
 Training is not disturbed: the evaluation runs its own envs, draws from its own generators and
@@ -102,8 +102,9 @@ class AdversarialEvaluation(L.Callback):
                 "perturbation_linf": {k: v["mean_perturbation_linf"] for k, v in r["attacks"].items()},
             },
         }
-        if "rs_scan" in r:
-            out["evaluation"]["rs_scan"] = r["rs_scan"]
+        for scan in ("rs_scan", "optimal_scan"):
+            if scan in r:
+                out["evaluation"][scan] = r[scan]
         sto = r.get("evaluation_stochastic")
         if sto is not None:
             out["evaluation_stochastic"] = {"clean_return": sto["clean_return"],

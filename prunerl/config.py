@@ -157,5 +157,9 @@ def validate_attack_settings(ev, prefix: str = "") -> None:
                           "(e.g. [[0.02, 0.1], [0.05, 1.0]])")
     if ev.get("optimal") is not None:
         _positive_int(f"{prefix}optimal.frames", ev.optimal.frames)
+        seeds = ev.optimal.get("seeds")
+        if not isinstance(seeds, (list, ListConfig)) or not seeds or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+            raise ConfigError(f"{prefix}optimal.seeds={seeds!r} must be a non-empty list of integers (e.g. [0, 1, 2])")
         if not isinstance(ev.optimal.similarity, (int, float)) or ev.optimal.similarity < 0:
             raise ConfigError(f"{prefix}optimal.similarity={ev.optimal.similarity!r} must be a number >= 0")

@@ -9,7 +9,8 @@ beside the checkpoint. ``checkpoint=DIR`` evaluates every ``*.ckpt`` in DIR.
 
 Every table reports the paper's robust figures: ``robust_return`` (the worst attack) and
 ``robust_return_avg`` (the mean over attacks). Robust Sarsa reports the strongest Q of its
-(ε_Q, reg) scan, each pair's return under ``rs_scan``. The trained attacks (Robust Sarsa's Qs,
+(ε_Q, reg) scan, each pair's return under ``rs_scan``; the learned adversary the strongest of its
+seeds, each under ``optimal_scan``. The trained attacks (Robust Sarsa's Qs,
 the learned adversary) are trained once per victim and cached beside its checkpoint
 (:mod:`prunerl.trained_attacks`).
 """
@@ -30,7 +31,7 @@ from prunerl.config import ConfigError, resolve_device, validate_attack_settings
 from prunerl.envs import TASKS
 from prunerl.evaluation import run_episodes
 from prunerl.models import Critic, GaussianActor
-from prunerl.trained_attacks import learned_adversary, robust_sarsa_qs
+from prunerl.trained_attacks import learned_adversaries, robust_sarsa_qs
 
 
 def attack_eps(settings, task: str) -> float:
@@ -61,7 +62,7 @@ def _trained_models(settings, *, actor: GaussianActor, norm_state: dict, task: s
     if "rs" in needed:
         models["rs"] = robust_sarsa_qs(victim_path, actor, norm_state, task, settings, log)
     if "optimal" in needed:
-        models["optimal"] = learned_adversary(victim_path, actor, task, eps, settings, log)
+        models["optimal"] = learned_adversaries(victim_path, actor, task, eps, settings, log)
     return models
 
 
@@ -93,16 +94,16 @@ def _rollouts(actor: GaussianActor, critic: Critic | None, norm_state: dict, tas
             out["attacks"][name] = rollout(A.critic_attack(critic, eps, **grad()))
         elif name == "mad":
             out["attacks"][name] = rollout(A.mad_attack(actor, actor.std, eps, **grad()))
-        elif name == "optimal":
-            adv, adv_norm = models["optimal"]
-            out["attacks"][name] = rollout(A.optimal_attack(adv, eps, adv_norm.normalize))
-        elif name == "rs":
-            scan = []
-            for q_eps, reg, q in models["rs"]:
-                r = rollout(A.rs_attack(q, actor, eps, **grad()))
-                scan.append({"q_eps": q_eps, "reg": reg, **r})
-            strongest = min(scan, key=lambda r: r["mean_return"])
-            out["attacks"][name] = strongest
+        elif name == "optimal":  # one learned adversary per seed; the strongest is `optimal`
+            scan = [{"seed": seed, **rollout(A.optimal_attack(adv, eps, adv_norm.normalize))}
+                    for seed, adv, adv_norm in models["optimal"]]
+            out["attacks"][name] = min(scan, key=lambda r: r["mean_return"])
+            out["optimal_scan"] = [{"seed": r["seed"], "return": r["mean_return"], "std_return": r["std_return"]}
+                                   for r in scan]
+        elif name == "rs":  # one Q per (ε_Q, reg) pair; the strongest is `rs`
+            scan = [{"q_eps": q_eps, "reg": reg, **rollout(A.rs_attack(q, actor, eps, **grad()))}
+                    for q_eps, reg, q in models["rs"]]
+            out["attacks"][name] = min(scan, key=lambda r: r["mean_return"])
             out["rs_scan"] = [{"q_eps": r["q_eps"], "reg": r["reg"], "return": r["mean_return"],
                                "std_return": r["std_return"]} for r in scan]
         else:
@@ -143,16 +144,17 @@ def evaluate_policy(actor: GaussianActor, critic: Critic | None, norm_state: dic
                                                       False, device))
     primary.pop("deterministic")
     out.update(primary)
-    if "rs_scan" in out and stochastic:
-        for row, srow in zip(out["rs_scan"], out["evaluation_stochastic"]["rs_scan"]):
-            row["stochastic_return"] = srow["return"]
+    for scan in ("rs_scan", "optimal_scan"):
+        if scan in out and stochastic:
+            for row, srow in zip(out[scan], out["evaluation_stochastic"][scan]):
+                row["stochastic_return"] = srow["return"]
     return out
 
 
 def format_table(result: dict) -> str:
     """The evaluation as a table: one row per condition, the primary mode's return ± std, the
-    stochastic return when recorded, then the robust rows (worst attack, mean over attacks) and
-    Robust Sarsa's scan."""
+    stochastic return when recorded, then the robust rows (worst attack, mean over attacks), Robust
+    Sarsa's scan and the learned adversaries' seeds."""
     mode = "deterministic" if result["deterministic"] else "stochastic"
     sto = result.get("evaluation_stochastic")
     both = sto is not None and result["deterministic"]
@@ -175,6 +177,9 @@ def format_table(result: dict) -> str:
                                  if key == "robust_return" else "   (mean over attacks)"))
     for row in result.get("rs_scan", []):
         lines.append(f"  rs scan  ε_Q={row['q_eps']:<5g} reg={row['reg']:<5g} {row['return']:>9.1f}"
+                     + (f" {row['stochastic_return']:>20.1f}" if both else ""))
+    for row in result.get("optimal_scan", []):
+        lines.append(f"  optimal  seed {row['seed']:<15} {row['return']:>9.1f}"
                      + (f" {row['stochastic_return']:>20.1f}" if both else ""))
     return "\n".join(lines)
 

@@ -4,10 +4,11 @@ beside its checkpoint, keyed by their settings and a fingerprint of the victim's
 - Robust Sarsa (``rs``): one Q(s, a) per (ε_Q, reg) pair of ``evaluation.rs.scan`` (SA-PPO's
   authors scan 30 pairs and report the lowest return; :func:`robust_sarsa_qs`), cached as
   ``<stem>.rs_q-<key>.pt``. The pairs share one set of clean victim transitions.
-- the learned "optimal" adversary (``optimal``): an ordinary ``fit`` run with
-  ``experiment=adversary`` against the frozen victim (:func:`learned_adversary`), whose run
-  directory ``<stem>.adversary-<key>/`` is the cache (with its training curve,
-  ``adversary_curve.png``).
+- the learned "optimal" adversary (``optimal``): one per seed of ``evaluation.optimal.seeds``,
+  each an ordinary ``fit`` run with ``experiment=adversary`` against the frozen victim
+  (:func:`learned_adversaries`); the strongest is reported (a PPO adversary's strength at CPU
+  budgets depends much on its seed). Its run directory ``<stem>.adversary-<key>/`` is the cache
+  (with its training curve, ``adversary_curve.png``).
 
 This module sits above ``fit`` (it calls it) and below ``evaluate``; ``fit`` reads checkpoints
 through :mod:`prunerl.checkpoint`, so nothing here makes an import circle.
@@ -86,10 +87,10 @@ def robust_sarsa_qs(victim_path: Path, actor: GaussianActor, norm_state: dict, t
     return out
 
 
-def adversary_config(victim_path: Path, eps: float, settings) -> DictConfig:
+def adversary_config(victim_path: Path, eps: float, settings, seed: int) -> DictConfig:
     """The ``fit`` config of a learned adversary against ``victim_path``: the victim's own config
-    (task, activation, env settings), overlaid by ``conf/experiment/adversary.yaml`` and then by
-    ``settings.optimal`` (frames, similarity, seed, and any of lr, sigma, hidden). ``victim`` and
+    (task, activation, env settings), overlaid by ``conf/experiment/adversary.yaml`` (the adversary's
+    PPO settings) and then by ``settings.optimal`` (frames, similarity) and ``seed``. ``victim`` and
     ``run_dir`` are left for the caller to set (they do not change what is trained)."""
     opt = settings.optimal
     victim_ckpt = load_checkpoint(victim_path)
@@ -100,33 +101,32 @@ def adversary_config(victim_path: Path, eps: float, settings) -> DictConfig:
     # only the adversary's own callbacks (its training curve); none of the victim's
     cfg.callbacks = {k: v for k, v in experiment.get("callbacks", {}).items() if v is not None}
     cfg.logger, cfg.resume = {}, None
+    cfg.evaluation = None  # the adversary is not evaluated; the victim's (maybe older) settings are not checked
     cfg.victim, cfg.run_dir = None, None
-    cfg.total_frames, cfg.seed = int(opt.frames), int(opt.seed)
+    cfg.total_frames, cfg.seed = int(opt.frames), int(seed)
     cfg.adversary.eps, cfg.adversary.similarity = eps, float(opt.similarity)
     cfg.adversary.victim_deterministic = bool(settings.deterministic)
-    for key in ("lr",):
-        if opt.get(key) is not None:
-            cfg.algo[key] = opt[key]
-    for key in ("sigma", "hidden"):
-        if opt.get(key) is not None:
-            cfg.algo.model[key] = opt[key]
     return cfg
 
 
-def learned_adversary(victim_path: Path, actor: GaussianActor, task: str, eps: float, settings,
-                      log=print) -> tuple[GaussianActor, RunningNormalizer]:
-    """The learned adversary for this victim (and ε): from the cache beside its checkpoint, or
-    trained by ``fit`` with ``experiment=adversary``. Returns its actor and frozen normaliser."""
-    cfg = adversary_config(victim_path, eps, settings)
-    # keyed by the whole adversary config (conf/experiment/adversary.yaml and evaluation.optimal)
-    key = cache_key(actor, config=OmegaConf.to_container(cfg, resolve=True))
-    run_dir = Path(victim_path).with_suffix(f".adversary-{key}")
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        cfg.victim, cfg.run_dir = str(Path(victim_path).resolve()), str(run_dir)
-        log(f"training the optimal adversary for {cfg.total_frames} frames  ->  {run_dir.name}/")
-        with torch.random.fork_rng(devices=[]):
-            fit(cfg)
-    adv, adv_norm_state, _ = actor_from_checkpoint(load_checkpoint(last))
-    device = next(actor.parameters()).device
-    return adv.to(device).eval(), frozen_normalizer(adv_norm_state).to(device)
+def learned_adversaries(victim_path: Path, actor: GaussianActor, task: str, eps: float, settings,
+                        log=print) -> list[tuple[int, GaussianActor, RunningNormalizer]]:
+    """The learned adversaries for this victim (and ε), one per seed of ``settings.optimal.seeds``,
+    as (seed, actor, frozen normaliser): each from the cache beside the victim's checkpoint, or
+    trained by ``fit`` with ``experiment=adversary``."""
+    out = []
+    for seed in settings.optimal.seeds:
+        cfg = adversary_config(victim_path, eps, settings, int(seed))
+        # keyed by the whole adversary config (conf/experiment/adversary.yaml and evaluation.optimal)
+        key = cache_key(actor, config=OmegaConf.to_container(cfg, resolve=True))
+        run_dir = Path(victim_path).with_suffix(f".adversary-{key}")
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            cfg.victim, cfg.run_dir = str(Path(victim_path).resolve()), str(run_dir)
+            log(f"training the optimal adversary (seed {seed}) for {cfg.total_frames} frames  ->  {run_dir.name}/")
+            with torch.random.fork_rng(devices=[]):
+                fit(cfg)
+        adv, adv_norm_state, _ = actor_from_checkpoint(load_checkpoint(last))
+        device = next(actor.parameters()).device
+        out.append((int(seed), adv.to(device).eval(), frozen_normalizer(adv_norm_state).to(device)))
+    return out

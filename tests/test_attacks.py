@@ -239,7 +239,7 @@ def test_a_briefly_trained_optimal_adversary_beats_random(tmp_path):
     actor, norm_state, _ = actor_from_checkpoint(ckpt)
     settings = OmegaConf.load("conf/evaluation/default.yaml")
     settings.attacks, settings.episodes, settings.eps = ["random", "optimal"], 16, 0.3
-    settings.optimal.frames = 61440
+    settings.optimal.frames, settings.optimal.seeds = 61440, [0]
     result = evaluate_policy(actor, critic_from_checkpoint(ckpt), norm_state, "inverted_pendulum", settings,
                              victim_path=ckpt_path, log=print)
     print(result["clean_return"], result["attack_returns"])

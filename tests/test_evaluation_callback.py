@@ -160,6 +160,7 @@ def test_cli_evaluate_prints_a_table_for_a_directory(victim):
     (["rs.scan=[]"], "rs.scan=[] must be a non-empty list of [ε_Q, reg] pairs"),
     (["stochastic=sometimes"], "stochastic='sometimes' must be true or false"),
     (["optimal.frames=0"], "optimal.frames=0 must be a positive integer"),
+    (["optimal.seeds=[]"], "optimal.seeds=[] must be a non-empty list of integers"),
 ])
 def test_evaluate_bad_input_is_one_error_before_any_rollout(victim, monkeypatch, args, message):
     import prunerl.evaluate as ev
@@ -231,3 +232,48 @@ def test_robust_figures_are_the_worst_attack_and_the_mean_over_attacks():
     assert robust_figures(3000.0, {"random": 2900.0, "mad": 1500.0, "rs": 800.0, "critic": 1800.0}) == {
         "robust_return": 800.0, "robust_attack": "rs", "robust_return_avg": 1750.0}
     assert robust_figures(3000.0, {}) == {"robust_return": None, "robust_attack": None, "robust_return_avg": None}
+
+
+def test_an_adversary_config_from_a_victim_of_an_older_version_is_valid(victim, tmp_path):
+    """The adversary's config starts from the victim's own; a victim trained before
+    ``evaluation.rs.scan`` existed (rs.reg, rs.q_eps) must still get a valid adversary config, with
+    only the adversary's own callback, and ``evaluation.optimal``'s settings in it."""
+    from omegaconf import OmegaConf
+
+    from prunerl.config import validate_fit
+    from prunerl.trained_attacks import adversary_config
+
+    run, _ = victim
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    rs = ckpt["prunerl"]["config"]["evaluation"]["rs"]
+    rs.pop("scan")
+    rs.update(reg=0.1, q_eps=0.02)
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    settings = OmegaConf.load(ROOT / "conf" / "evaluation" / "default.yaml")
+    settings.optimal.frames, settings.optimal.similarity = 4096, 2.5
+    cfg = adversary_config(old, 0.1, settings, seed=7)
+    cfg.victim, cfg.run_dir = str(old), str(tmp_path / "adv")
+    validate_fit(cfg)
+    assert list(cfg.callbacks) == ["adversary_curve"] and cfg.pruning.criterion == "none"
+    assert cfg.total_frames == 4096 and cfg.adversary.similarity == 2.5 and cfg.adversary.eps == 0.1
+    assert cfg.seed == 7
+
+
+def test_evaluate_reports_the_strongest_of_the_learned_adversaries(victim, tmp_path):
+    """One (tiny) adversary per seed of ``optimal.seeds``, each cached in its own run directory
+    with its training curve; ``optimal`` is the lowest return, every seed's is under optimal_scan."""
+    run, _ = victim
+    ckpt = tmp_path / "victim.ckpt"
+    ckpt.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    out = evaluate(compose_cfg(None, f"checkpoint={ckpt}", "attacks=[optimal]", "episodes=6", "eps=1.0",
+                               "stochastic=false", "optimal.frames=2048", "optimal.seeds=[0,1,2]",
+                               config_name="evaluate"))
+    scan = out["optimal_scan"]
+    assert [r["seed"] for r in scan] == [0, 1, 2]
+    assert len({r["return"] for r in scan}) > 1  # the seeds' adversaries differ: the choice matters
+    assert out["attacks"]["optimal"]["seed"] == min(scan, key=lambda r: r["return"])["seed"]
+    assert out["attack_returns"]["optimal"] == min(r["return"] for r in scan) == out["robust_return"]
+    runs = sorted(tmp_path.glob("victim.adversary-*"))
+    assert len(runs) == 3 and all((r / "adversary_curve.png").is_file() for r in runs)
+    assert sorted(json.loads((r / "summary.json").read_text())["seed"] for r in runs) == [0, 1, 2]
