@@ -4,8 +4,14 @@ Every ``every_frames`` frames (if set) and at the end of ``fit``, the current ac
 copied and frozen with the current normaliser statistics, then rolled out for ``episodes``
 episodes clean and under each attack of ``attacks`` (:func:`prunerl.evaluate.evaluate_policy`).
 Logged as ``eval/clean/return``, ``eval/<attack>/return``, ``eval/<attack>/perturbation`` (mean
-‖ŝ−s‖∞ per step) at the current update t; the last evaluation goes to ``summary.json``
-(``clean_return``, ``attack_returns``, and the settings under ``evaluation``).
+‖ŝ−s‖∞ per step), ``eval/robust/return`` (worst attack) and ``eval/robust_avg/return`` (mean over
+attacks) at the current update t, and with ``stochastic: true`` the same under ``eval_stochastic/``.
+The last evaluation goes to ``summary.json``: ``clean_return``, ``attack_returns``,
+``robust_return``, ``robust_return_avg`` (in the mode ``evaluation.deterministic`` says),
+``evaluation_stochastic`` = ``{"clean_return", "attack_returns"}`` with sampled actions (when
+``stochastic: true``), and the settings, standard deviations and the trained attacks' scans
+(``rs_scan``, ``optimal_scan``) under ``evaluation``. The default is 10 episodes, deterministic only, to keep ``fit`` quick;
+``python -m prunerl evaluate`` defaults to 50 episodes, both modes.
 
 Training is not disturbed: the evaluation runs its own envs, draws from its own generators and
 restores torch's global RNG (which the checkpoint carries for exact resume). ``rs`` and
@@ -61,6 +67,16 @@ class AdversarialEvaluation(L.Callback):
         for name, r in result["attacks"].items():
             row[f"eval/{name}/return"] = r["mean_return"]
             row[f"eval/{name}/perturbation"] = r["mean_perturbation_linf"]
+        if result["attacks"]:
+            row["eval/robust/return"], row["eval/robust_avg/return"] = (result["robust_return"],
+                                                                        result["robust_return_avg"])
+        sto = result.get("evaluation_stochastic")
+        if sto is not None:
+            row["eval_stochastic/clean/return"] = sto["clean_return"]
+            row.update({f"eval_stochastic/{k}/return": v for k, v in sto["attack_returns"].items()})
+            if sto["attack_returns"]:
+                row["eval_stochastic/robust/return"] = sto["robust_return"]
+                row["eval_stochastic/robust_avg/return"] = sto["robust_return_avg"]
         for logger in trainer.loggers:
             logger.log_metrics(row, step=trainer.global_step)
         self.last = result
@@ -71,18 +87,29 @@ class AdversarialEvaluation(L.Callback):
         if self.last is None:
             return {}
         r = self.last
-        return {
+        out = {
             "clean_return": r["clean_return"],
             "attack_returns": dict(r["attack_returns"]),
+            "robust_return": r["robust_return"],          # the worst attack (paper: robust)
+            "robust_return_avg": r["robust_return_avg"],  # the mean over attacks
             "evaluation": {
                 "frames": r["frames"], "eps": r["eps"], "episodes": r["episodes"],
-                "deterministic": r["deterministic"], "steps": r["steps"], "step_size": r["step_size"],
-                "random_start": r["random_start"], "seed": r["seed"],
+                "deterministic": r["deterministic"], "stochastic": r["stochastic"], "steps": r["steps"],
+                "step_size": r["step_size"], "random_start": r["random_start"], "seed": r["seed"],
+                "robust_attack": r["robust_attack"],
                 "clean_std": r["clean"]["std_return"],
                 "attack_std": {k: v["std_return"] for k, v in r["attacks"].items()},
                 "perturbation_linf": {k: v["mean_perturbation_linf"] for k, v in r["attacks"].items()},
             },
         }
+        for scan in ("rs_scan", "optimal_scan"):
+            if scan in r:
+                out["evaluation"][scan] = r[scan]
+        sto = r.get("evaluation_stochastic")
+        if sto is not None:
+            out["evaluation_stochastic"] = {"clean_return": sto["clean_return"],
+                                            "attack_returns": dict(sto["attack_returns"])}
+        return out
 
     def state_dict(self) -> dict:
         return {"next_at": self.next_at, "history": self.history}

@@ -59,6 +59,9 @@ class AdversaryEnv(EnvBase):
         self._s = torch.zeros(num_envs, d)
         self._ep_return = np.zeros((num_envs, 1), dtype=np.float64)
         self._victim_return = np.zeros((num_envs, 1), dtype=np.float64)
+        #: the victim's return of every episode finished since the last read (the adversary's
+        #: training curve, callbacks/adversary.py, takes and clears it once per rollout)
+        self.finished_victim_returns: list[float] = []
 
     @property
     def obs_dim(self) -> int:
@@ -99,7 +102,10 @@ class AdversaryEnv(EnvBase):
         self._ep_return += reward
         self._victim_return += r_victim
         td.set("reward", torch.from_numpy(reward.astype(np.float32)))
-        return self._out(td)
+        out = self._out(td)
+        done = td.get("done").reshape(-1).numpy()
+        self.finished_victim_returns.extend(self._victim_return[done, 0].tolist())
+        return out
 
     # exact resume: the physics and counters are the inner env's; the adversary's totals are ours
     def state(self) -> dict:

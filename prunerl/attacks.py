@@ -44,12 +44,17 @@ def project(s_hat: torch.Tensor, obs: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def in_ball(perturb: Perturbation, eps: float) -> Perturbation:
-    """Wrap an attack so that its output is always inside B(s) (projection as the last step)."""
+    """Wrap an attack so that its output is always inside B(s) (projection as the last step).
+
+    The attack's own output stays reachable as ``.unclamped``: every attack must already keep
+    ŝ inside B(s) by itself (tests/test_attacks.py checks it); this clamp is a second guard.
+    """
 
     def perturbed(obs: torch.Tensor) -> torch.Tensor:
         return project(perturb(obs).detach(), obs, eps)
 
     perturbed.eps = eps  # type: ignore[attr-defined]
+    perturbed.unclamped = perturb  # type: ignore[attr-defined]
     return perturbed
 
 
@@ -159,13 +164,15 @@ class QNetwork(nn.Module):
         return self.net(torch.cat([obs, action], -1)).squeeze(-1)
 
 
-def td_loss(q: QNetwork, actor: nn.Module, batch: dict[str, torch.Tensor], gamma: float) -> torch.Tensor:
-    """Sarsa TD loss E[(Q(s,a) − (r + γ(1−term)·Q(s', μ(s'))))²], target detached.
+def td_loss(q: QNetwork, batch: dict[str, torch.Tensor], gamma: float) -> torch.Tensor:
+    """Sarsa TD loss E[(Q(s,a) − (r + γ(1−term)·Q(s', a')))²], target detached.
 
-    a' = μ(s'): the action the evaluated (deterministic) victim takes at s'.
+    a' (``next_action``) is the action the victim's policy took at s' in the same episode
+    (:func:`prunerl.evaluation.collect_transitions`): Sarsa evaluates the policy that was run, as
+    the SA-PPO reference does. Terminal transitions do not bootstrap.
     """
     with torch.no_grad():
-        next_q = q(batch["next_observation"], actor(batch["next_observation"]))
+        next_q = q(batch["next_observation"], batch["next_action"])
         target = batch["reward"] + gamma * (1 - batch["terminated"].float()) * next_q
     return (q(batch["observation"], batch["action"]) - target).pow(2).mean()
 
@@ -185,10 +192,11 @@ def robustness_penalty(q: QNetwork, batch: dict[str, torch.Tensor], q_eps: float
     return (q(obs, a_hat) - q(obs, action)).pow(2).mean()
 
 
-def train_robust_sarsa(q: QNetwork, actor: nn.Module, data: dict[str, torch.Tensor], *, gamma: float = 0.99,
+def train_robust_sarsa(q: QNetwork, data: dict[str, torch.Tensor], *, gamma: float = 0.99,
                        epochs: int = 10, minibatches: int = 32, lr: float = 1e-3, reg: float = 0.1,
                        q_eps: float = 0.02, generator: torch.Generator | None = None) -> list[float]:
-    """Fit Q to ``data`` (flat transitions) with TD loss + ``reg`` × :func:`robustness_penalty`.
+    """Fit Q to ``data`` (flat transitions with ``next_action``) with TD loss + ``reg`` ×
+    :func:`robustness_penalty` (ε_Q = ``q_eps``).
 
     Returns the TD loss over the whole of ``data`` before training and after each epoch.
     """
@@ -197,7 +205,7 @@ def train_robust_sarsa(q: QNetwork, actor: nn.Module, data: dict[str, torch.Tens
     mb = max(1, n // minibatches)
     def full_td() -> float:
         with torch.no_grad():
-            return float(td_loss(q, actor, data, gamma))
+            return float(td_loss(q, data, gamma))
 
     history = [full_td()]
     for _ in range(epochs):
@@ -205,7 +213,7 @@ def train_robust_sarsa(q: QNetwork, actor: nn.Module, data: dict[str, torch.Tens
         for start in range(0, n - mb + 1, mb):
             idx = perm[start:start + mb]
             batch = {k: v[idx] for k, v in data.items()}
-            loss = td_loss(q, actor, batch, gamma)
+            loss = td_loss(q, batch, gamma)
             if reg > 0:
                 loss = loss + reg * robustness_penalty(q, batch, q_eps, generator=generator)
             opt.zero_grad(set_to_none=True)

@@ -6,18 +6,14 @@ Errors name the key, the bad value and what is allowed (STYLE.md), e.g.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
+from prunerl.checkpoint import load_checkpoint
 from prunerl.envs import TASKS
+from prunerl.errors import ConfigError  # noqa: F401 — re-exported: `from prunerl.config import ConfigError`
 
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A bad config value, path or checkpoint; the message says which and what is allowed."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -130,22 +126,6 @@ def validate_pruning_cfg(p: DictConfig) -> None:
         raise ConfigError(f"pruning.interval={p.interval!r} must be an integer >= 0 (0: one-shot)")
 
 
-def load_checkpoint(path, key: str = "checkpoint") -> dict:
-    """Load a PruneRL checkpoint, or raise :class:`ConfigError` saying what is wrong with it."""
-    p = Path(str(path)).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"{key}={path} does not exist" if not p.exists()
-                          else f"{key}={path} is not a file")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 — any unpickling failure means the file is unusable
-        raise ConfigError(f"{key}={path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "prunerl" not in ckpt or "state_dict" not in ckpt:
-        raise ConfigError(f"{key}={path} is not a PruneRL checkpoint (no 'prunerl' entry); "
-                          "expected a .ckpt written by `python -m prunerl fit`")
-    return ckpt
-
-
 def validate_attack_settings(ev, prefix: str = "") -> None:
     """Attack names, ε, steps and episodes of an evaluation config (``evaluation.*`` or ``evaluate``)."""
     from prunerl.attacks import ATTACKS
@@ -167,3 +147,20 @@ def validate_attack_settings(ev, prefix: str = "") -> None:
         _positive_int(f"{prefix}num_envs", ev.num_envs)
     if ev.get("every_frames") is not None:
         _positive_int(f"{prefix}every_frames", ev.every_frames)
+    if not isinstance(ev.get("stochastic", False), bool):
+        raise ConfigError(f"{prefix}stochastic={ev.stochastic!r} must be true or false")
+    scan = ev.rs.get("scan") if ev.get("rs") is not None else None
+    pairs_ok = isinstance(scan, (list, ListConfig)) and len(scan) > 0 and all(
+        isinstance(p, (list, ListConfig)) and len(p) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in p) for p in scan)
+    if not pairs_ok:
+        raise ConfigError(f"{prefix}rs.scan={scan!r} must be a non-empty list of [ε_Q, reg] pairs of numbers >= 0 "
+                          "(e.g. [[0.02, 0.1], [0.05, 1.0]])")
+    if ev.get("optimal") is not None:
+        _positive_int(f"{prefix}optimal.frames", ev.optimal.frames)
+        seeds = ev.optimal.get("seeds")
+        if not isinstance(seeds, (list, ListConfig)) or not seeds or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+            raise ConfigError(f"{prefix}optimal.seeds={seeds!r} must be a non-empty list of integers (e.g. [0, 1, 2])")
+        if not isinstance(ev.optimal.similarity, (int, float)) or ev.optimal.similarity < 0:
+            raise ConfigError(f"{prefix}optimal.similarity={ev.optimal.similarity!r} must be a number >= 0")

@@ -3,59 +3,35 @@ adversarial-evaluation callback (one home: :func:`evaluate_policy`).
 
 ``python -m prunerl evaluate checkpoint=PATH [attacks=[...]] [episodes=N] [eps=E]`` rebuilds the
 actor, critic and frozen normaliser from the checkpoint alone (its config travels in it), runs N
-episodes clean and under each attack, prints a table and writes ``<checkpoint stem>.eval.json``
+episodes (50 by default, as the SA-PPO reference) clean and under each attack, with μ(ŝ) and, by
+default, also with sampled actions; prints a table and writes ``<checkpoint stem>.eval.json``
 beside the checkpoint. ``checkpoint=DIR`` evaluates every ``*.ckpt`` in DIR.
 
-The trained attacks are cached beside the victim's checkpoint, keyed by their settings and a
-fingerprint of the victim's weights, so each is trained once per victim:
-``<stem>.rs_q-<key>.pt`` (Robust Sarsa's Q) and ``<stem>.adversary-<key>/`` (the learned
-adversary's own run directory, trained by ``fit`` with ``experiment=adversary``).
+Every table reports the paper's robust figures: ``robust_return`` (the worst attack) and
+``robust_return_avg`` (the mean over attacks). Robust Sarsa reports the strongest Q of its
+(ε_Q, reg) scan, each pair's return under ``rs_scan``; the learned adversary the strongest of its
+seeds, each under ``optimal_scan``. The trained attacks (Robust Sarsa's Qs,
+the learned adversary) are trained once per victim and cached beside its checkpoint
+(:mod:`prunerl.trained_attacks`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from prunerl import attacks as A
-from prunerl.config import ConfigError, load_checkpoint, resolve_device, validate_attack_settings
-from prunerl.envs import TASKS, RunningNormalizer
-from prunerl.evaluation import collect_transitions, run_episodes
+from prunerl.checkpoint import actor_from_checkpoint, critic_from_checkpoint, load_checkpoint
+from prunerl.config import ConfigError, resolve_device, validate_attack_settings
+from prunerl.envs import TASKS
+from prunerl.evaluation import run_episodes
 from prunerl.models import Critic, GaussianActor
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def _linear_shapes(state: dict, prefix: str) -> list[torch.Size]:
-    return [v.shape for k, v in state.items() if k.startswith(prefix) and k.endswith(".weight")]
-
-
-def actor_from_checkpoint(ckpt: dict) -> tuple[GaussianActor, dict, dict]:
-    """(actor with the checkpoint's weights, normaliser state, run config) from a loaded checkpoint.
-
-    Sizes come from the weights themselves (an adversary's actor acts on observations)."""
-    cfg = ckpt["prunerl"]["config"]
-    m = cfg["algo"]["model"]
-    actor_state = {k[len("actor."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("actor.")}
-    shapes = _linear_shapes(actor_state, "mean_net.")
-    actor = GaussianActor(shapes[0][1], shapes[-1][0], tuple(m["hidden"]), m["activation"], m["sigma"], m["learn_std"])
-    actor.load_state_dict(actor_state)
-    dm_state = ckpt[ckpt["prunerl"]["datamodule_key"]]
-    return actor, dm_state["normalizer"], cfg
-
-
-def critic_from_checkpoint(ckpt: dict) -> Critic:
-    """The victim's critic V(s) (state_dict keys ``critic.*``), for the value-guided attack."""
-    m = ckpt["prunerl"]["config"]["algo"]["model"]
-    state = {k[len("critic."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("critic.")}
-    critic = Critic(_linear_shapes(state, "value_net.")[0][1], tuple(m["hidden"]), m["activation"])
-    critic.load_state_dict(state)
-    return critic
+from prunerl.trained_attacks import learned_adversaries, robust_sarsa_qs
 
 
 def attack_eps(settings, task: str) -> float:
@@ -63,91 +39,79 @@ def attack_eps(settings, task: str) -> float:
     return float(TASKS[task].eps if settings.eps is None else settings.eps)
 
 
-def _cache_key(victim: GaussianActor, **settings) -> str:
-    from prunerl.data import weights_fingerprint
+def robust_figures(clean_return: float, attack_returns: dict[str, float]) -> dict:
+    """The paper's robust figures of one table: the worst attack's return (``robust_return``,
+    named by ``robust_attack``) and the mean over attacks (``robust_return_avg``); None without
+    attacks."""
+    if not attack_returns:
+        return {"robust_return": None, "robust_attack": None, "robust_return_avg": None}
+    worst = min(attack_returns, key=attack_returns.get)
+    return {"robust_return": attack_returns[worst], "robust_attack": worst,
+            "robust_return_avg": float(np.mean(list(attack_returns.values())))}
 
-    blob = json.dumps({"victim": f"{weights_fingerprint(victim):.10e}", **settings}, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+def _trained_models(settings, *, actor: GaussianActor, norm_state: dict, task: str, eps: float,
+                    victim_path: Path | None, log) -> dict:
+    """Robust Sarsa's Qs and the learned adversary, trained (or loaded from their cache) before any
+    rollout, once for every mode of evaluation."""
+    needed = [a for a in settings.attacks if a in A.TRAINED_ATTACKS]
+    if needed and victim_path is None:
+        raise ConfigError(f"the {needed[0]!r} attack trains a model and caches it beside a checkpoint; "
+                          "none was given")
+    models = {}
+    if "rs" in needed:
+        models["rs"] = robust_sarsa_qs(victim_path, actor, norm_state, task, settings, log)
+    if "optimal" in needed:
+        models["optimal"] = learned_adversaries(victim_path, actor, task, eps, settings, log)
+    return models
 
 
-def robust_sarsa_q(victim_path: Path, actor: GaussianActor, norm_state: dict, task: str, settings,
-                   log=print) -> A.QNetwork:
-    """Robust Sarsa's Q for this victim: loaded from the cache beside its checkpoint, or trained."""
-    rs = OmegaConf.to_container(settings.rs, resolve=True) if isinstance(settings.rs, DictConfig) else dict(settings.rs)
-    key = _cache_key(actor, task=task, seed=settings.seed, **rs)
-    path = Path(victim_path).with_suffix(f".rs_q-{key}.pt")
-    layers = _linear_shapes(actor.state_dict(), "mean_net.")
-    obs_dim, act_dim = layers[0][1], layers[-1][0]
-    if path.is_file():
-        q = A.QNetwork(obs_dim, act_dim, hidden=tuple(rs["hidden"]))
-        q.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["q"])
-        return q.to(next(actor.parameters()).device)
-    log(f"training Robust Sarsa Q on {rs['frames']} clean transitions  ->  {path.name}")
-    gen = torch.Generator().manual_seed(settings.seed)
-    with torch.random.fork_rng(devices=[]):
+def _rollouts(actor: GaussianActor, critic: Critic | None, norm_state: dict, task: str, settings, eps: float,
+              models: dict, deterministic: bool, device: torch.device) -> dict:
+    """One table: ``settings.episodes`` episodes clean and under each attack, actions μ(ŝ)
+    (``deterministic``) or sampled. Robust Sarsa runs once per Q of its scan; the lowest return
+    is ``rs``, every pair's is in ``rs_scan``. Every condition starts from the same env seeds and
+    the same torch seed (sampled actions), and each attack draws from its own generator."""
+    run = dict(deterministic=deterministic, seed=settings.seed, num_envs=settings.num_envs, device=device)
+
+    def rollout(perturb=None) -> dict:
         torch.manual_seed(settings.seed)
-        data = collect_transitions(actor, norm_state, task, rs["frames"], seed=settings.seed)
-        q = A.QNetwork(obs_dim, act_dim, hidden=tuple(rs["hidden"])).to(data["observation"].device)
-        history = A.train_robust_sarsa(q, actor, data, gamma=rs["gamma"], epochs=rs["epochs"],
-                                       minibatches=rs["minibatches"], lr=rs["lr"], reg=rs["reg"],
-                                       q_eps=rs["q_eps"], generator=gen)
-    torch.save({"q": q.state_dict(), "settings": rs, "td_loss": history}, path)
-    return q
+        t0 = time.perf_counter()
+        result = run_episodes(actor, norm_state, task, settings.episodes, perturb=perturb, **run)
+        result["wall_time_s"] = time.perf_counter() - t0
+        return result
 
+    out = {"deterministic": deterministic, "clean": rollout(), "attacks": {}}
+    for i, name in enumerate(settings.attacks):
+        def grad():  # a fresh generator per rollout: each is reproducible on its own
+            return dict(steps=settings.steps, step_size=settings.step_ratio * eps,
+                        random_start=settings.random_start,
+                        generator=torch.Generator(device=device).manual_seed(settings.seed + 1 + i))
 
-def learned_adversary(victim_path: Path, actor: GaussianActor, task: str, eps: float, settings,
-                      log=print) -> tuple[GaussianActor, RunningNormalizer]:
-    """The learned adversary for this victim (and ε): from the cache beside its checkpoint, or
-    trained by ``fit`` with ``experiment=adversary``. Returns its actor and frozen normaliser."""
-    opt = settings.optimal
-    key = _cache_key(actor, task=task, eps=eps, frames=opt.frames, similarity=opt.similarity, seed=opt.seed,
-                     deterministic=settings.deterministic)
-    run_dir = Path(victim_path).with_suffix(f".adversary-{key}")
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        from prunerl.fit import fit
-
-        victim_ckpt = load_checkpoint(victim_path)
-        experiment = OmegaConf.load(CONF_DIR / "experiment" / "adversary.yaml")
-        experiment.pop("defaults", None)  # its group override (pruning: none) is applied by hand below
-        cfg = OmegaConf.merge(OmegaConf.create(victim_ckpt["prunerl"]["config"]), experiment)
-        if (CONF_DIR / "pruning" / "none.yaml").is_file():
-            cfg.pruning = OmegaConf.load(CONF_DIR / "pruning" / "none.yaml")
-        cfg.callbacks, cfg.logger, cfg.resume = {}, {}, None
-        cfg.victim, cfg.run_dir = str(Path(victim_path).resolve()), str(run_dir)
-        cfg.total_frames, cfg.seed = int(opt.frames), int(opt.seed)
-        cfg.adversary.eps, cfg.adversary.similarity = eps, float(opt.similarity)
-        cfg.adversary.victim_deterministic = bool(settings.deterministic)
-        log(f"training the optimal adversary for {opt.frames} frames  ->  {run_dir.name}/")
-        with torch.random.fork_rng(devices=[]):
-            fit(cfg)
-    adv, adv_norm_state, _ = actor_from_checkpoint(load_checkpoint(last))
-    norm = RunningNormalizer(adv.mean_net[0].in_features, 1)
-    norm.load_statistics(adv_norm_state)
-    device = next(actor.parameters()).device
-    return adv.to(device).eval(), norm.to(device).freeze()
-
-
-def build_attack(name: str, *, actor: GaussianActor, critic: Critic | None, norm_state: dict, task: str,
-                 eps: float, settings, generator: torch.Generator, victim_path: Path | None = None,
-                 log=print) -> A.Perturbation:
-    """The perturbation ``name`` for this victim (see :mod:`prunerl.attacks`)."""
-    grad = dict(steps=settings.steps, step_size=settings.step_ratio * eps, random_start=settings.random_start,
-                generator=generator)
-    if name == "random":
-        return A.random_attack(eps, generator)
-    if name == "critic":
-        return A.critic_attack(critic, eps, **grad)
-    if name == "mad":
-        return A.mad_attack(actor, actor.std, eps, **grad)
-    if victim_path is None:
-        raise ConfigError(f"the {name!r} attack trains a model and caches it beside a checkpoint; none was given")
-    if name == "rs":
-        return A.rs_attack(robust_sarsa_q(victim_path, actor, norm_state, task, settings, log), actor, eps, **grad)
-    if name == "optimal":
-        adv, adv_norm = learned_adversary(victim_path, actor, task, eps, settings, log)
-        return A.optimal_attack(adv, eps, adv_norm.normalize)
-    raise ConfigError(f"unknown attack {name!r}; allowed: {list(A.ATTACKS)}")
+        if name == "random":
+            out["attacks"][name] = rollout(A.random_attack(eps, grad()["generator"]))
+        elif name == "critic":
+            out["attacks"][name] = rollout(A.critic_attack(critic, eps, **grad()))
+        elif name == "mad":
+            out["attacks"][name] = rollout(A.mad_attack(actor, actor.std, eps, **grad()))
+        elif name == "optimal":  # one learned adversary per seed; the strongest is `optimal`
+            scan = [{"seed": seed, **rollout(A.optimal_attack(adv, eps, adv_norm.normalize))}
+                    for seed, adv, adv_norm in models["optimal"]]
+            out["attacks"][name] = min(scan, key=lambda r: r["mean_return"])
+            out["optimal_scan"] = [{"seed": r["seed"], "return": r["mean_return"], "std_return": r["std_return"]}
+                                   for r in scan]
+        elif name == "rs":  # one Q per (ε_Q, reg) pair; the strongest is `rs`
+            scan = [{"q_eps": q_eps, "reg": reg, **rollout(A.rs_attack(q, actor, eps, **grad()))}
+                    for q_eps, reg, q in models["rs"]]
+            out["attacks"][name] = min(scan, key=lambda r: r["mean_return"])
+            out["rs_scan"] = [{"q_eps": r["q_eps"], "reg": r["reg"], "return": r["mean_return"],
+                               "std_return": r["std_return"]} for r in scan]
+        else:
+            raise ConfigError(f"unknown attack {name!r}; allowed: {list(A.ATTACKS)}")
+    out["clean_return"] = out["clean"]["mean_return"]
+    out["attack_returns"] = {k: v["mean_return"] for k, v in out["attacks"].items()}
+    out.update(robust_figures(out["clean_return"], out["attack_returns"]))
+    return out
 
 
 def evaluate_policy(actor: GaussianActor, critic: Critic | None, norm_state: dict, task: str, settings, *,
@@ -155,42 +119,68 @@ def evaluate_policy(actor: GaussianActor, critic: Critic | None, norm_state: dic
                     log=print) -> dict:
     """Clean and attacked returns of a frozen policy, ``settings.episodes`` episodes each.
 
-    Every condition uses the same env seeds; the attacks draw from their own generator and the
-    global torch RNG is restored afterwards (training RNG untouched: exact resume holds).
+    The primary table uses ``settings.deterministic`` (a = μ(ŝ) or sampled); with
+    ``settings.stochastic`` every condition is also rolled out with sampled actions, under
+    ``evaluation_stochastic`` (the same figures; when the primary table is already stochastic it
+    is that table). Robust Sarsa and the learned adversary are trained once for both. Every
+    condition uses the same env seeds; the attacks draw from their own generators and the global
+    torch RNG is restored afterwards (training RNG untouched: exact resume holds).
     """
     eps = attack_eps(settings, task)
     actor = actor.to(device).eval()
     critic = critic.to(device).eval() if critic is not None else None
+    stochastic = bool(settings.get("stochastic", False))
     out = {"env": task, "eps": eps, "episodes": settings.episodes, "deterministic": bool(settings.deterministic),
-           "steps": settings.steps, "step_size": settings.step_ratio * eps, "random_start": settings.random_start,
-           "seed": settings.seed}
-    run = dict(deterministic=settings.deterministic, seed=settings.seed, num_envs=settings.num_envs, device=device)
+           "stochastic": stochastic, "steps": settings.steps, "step_size": settings.step_ratio * eps,
+           "random_start": settings.random_start, "seed": settings.seed}
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        out["clean"] = run_episodes(actor, norm_state, task, settings.episodes, **run)
-        out["attacks"] = {}
-        for i, name in enumerate(settings.attacks):
-            gen = torch.Generator(device=device).manual_seed(settings.seed + 1 + i)
-            perturb = build_attack(name, actor=actor, critic=critic, norm_state=norm_state, task=task, eps=eps,
-                                   settings=settings, generator=gen, victim_path=victim_path, log=log)
-            torch.manual_seed(settings.seed)
-            t0 = time.perf_counter()
-            out["attacks"][name] = run_episodes(actor, norm_state, task, settings.episodes, perturb=perturb, **run)
-            out["attacks"][name]["wall_time_s"] = time.perf_counter() - t0
-    out["clean_return"] = out["clean"]["mean_return"]
-    out["attack_returns"] = {k: v["mean_return"] for k, v in out["attacks"].items()}
+        models = _trained_models(settings, actor=actor, norm_state=norm_state, task=task, eps=eps,
+                                 victim_path=victim_path, log=log)
+        primary = _rollouts(actor, critic, norm_state, task, settings, eps, models, bool(settings.deterministic),
+                            device)
+        if stochastic:
+            out["evaluation_stochastic"] = (primary if not settings.deterministic else
+                                            _rollouts(actor, critic, norm_state, task, settings, eps, models,
+                                                      False, device))
+    primary.pop("deterministic")
+    out.update(primary)
+    for scan in ("rs_scan", "optimal_scan"):
+        if scan in out and stochastic:
+            for row, srow in zip(out[scan], out["evaluation_stochastic"][scan]):
+                row["stochastic_return"] = srow["return"]
     return out
 
 
 def format_table(result: dict) -> str:
+    """The evaluation as a table: one row per condition, the primary mode's return ± std, the
+    stochastic return when recorded, then the robust rows (worst attack, mean over attacks), Robust
+    Sarsa's scan and the learned adversaries' seeds."""
     mode = "deterministic" if result["deterministic"] else "stochastic"
+    sto = result.get("evaluation_stochastic")
+    both = sto is not None and result["deterministic"]
     c = result["clean"]
-    lines = [f"{result['env']}  ε={result['eps']:g}  {result['episodes']} episodes ({mode})  "
-             f"clean return {c['mean_return']:.1f} ± {c['std_return']:.1f}",
-             f"{'attack':<9} {'return':>9} {'± std':>8} {'length':>7} {'‖ŝ−s‖∞':>8}"]
+    head = f"{result['env']}  ε={result['eps']:g}  {result['episodes']} episodes ({mode}"
+    head += " and stochastic)" if both else ")"
+    lines = [f"{head}  clean return {c['mean_return']:.1f} ± {c['std_return']:.1f}",
+             f"{'attack':<9} {'return':>9} {'± std':>8}" + (f" {'stochastic':>11} {'± std':>8}" if both else "")
+             + f" {'length':>7} {'‖ŝ−s‖∞':>8}"]
     for name, r in [("clean", result["clean"]), *result["attacks"].items()]:
-        lines.append(f"{name:<9} {r['mean_return']:>9.1f} {r['std_return']:>8.1f} {r['mean_length']:>7.0f} "
-                     f"{r['mean_perturbation_linf']:>8.4f}")
+        s = sto["clean"] if name == "clean" and both else (sto["attacks"][name] if both else None)
+        lines.append(f"{name:<9} {r['mean_return']:>9.1f} {r['std_return']:>8.1f}"
+                     + (f" {s['mean_return']:>11.1f} {s['std_return']:>8.1f}" if s else "")
+                     + f" {r['mean_length']:>7.0f} {r['mean_perturbation_linf']:>8.4f}")
+    if result["attacks"]:
+        for label, key in (("robust", "robust_return"), ("avg", "robust_return_avg")):
+            line = f"{label:<9} {result[key]:>9.1f} {'':>8}" + (f" {sto[key]:>11.1f} {'':>8}" if both else "")
+            lines.append(line + ("   (worst attack: " + result["robust_attack"] +
+                                 (f"; stochastic: {sto['robust_attack']}" if both else "") + ")"
+                                 if key == "robust_return" else "   (mean over attacks)"))
+    for row in result.get("rs_scan", []):
+        lines.append(f"  rs scan  ε_Q={row['q_eps']:<5g} reg={row['reg']:<5g} {row['return']:>9.1f}"
+                     + (f" {row['stochastic_return']:>20.1f}" if both else ""))
+    for row in result.get("optimal_scan", []):
+        lines.append(f"  optimal  seed {row['seed']:<15} {row['return']:>9.1f}"
+                     + (f" {row['stochastic_return']:>20.1f}" if both else ""))
     return "\n".join(lines)
 
 

@@ -27,14 +27,19 @@ def frozen_env(normalizer_state: dict, task: str, num_envs: int, seed: int):
 @torch.no_grad()
 def collect_transitions(actor: GaussianActor, normalizer_state: dict, task: str, frames: int, *,
                         seed: int = 12345, num_envs: int = 16, deterministic: bool = False) -> dict:
-    """``frames`` clean transitions (s, a, r, s', terminated) of the victim, flat, for Robust Sarsa.
+    """``frames`` clean transitions (s, a, r, s', a', terminated) of the victim, flat, for Robust Sarsa.
 
     ``r`` is the reward scaled by the frozen normaliser (the scale the victim's critic learned).
     Actions are sampled (σ of the policy) by default so that Q sees more than a = μ(s).
+    ``next_action`` a' is the action the policy took at s' in the same episode: the next step's
+    action of that env. Where the episode ended at s' (the env was reset, so the next step's action
+    belongs to a new episode), a' is drawn from the policy at s' instead — what it would have
+    taken; only a time-limit end bootstraps from it, a terminal one does not (``terminated``).
+    Rows are step-major: row ``t·num_envs + i`` is env ``i`` at step ``t``.
     """
     env = frozen_env(normalizer_state, task, num_envs, seed)
     policy = ActorPolicy(actor, deterministic=deterministic)
-    keys = ("observation", "action", "reward", "next_observation", "terminated")
+    keys = ("observation", "action", "reward", "next_observation", "terminated", "done")
     out: dict[str, list] = {k: [] for k in keys}
     device = next(actor.parameters()).device
     td = env.reset()
@@ -45,11 +50,21 @@ def collect_transitions(actor: GaussianActor, normalizer_state: dict, task: str,
         td, td_next = env.step_and_maybe_reset(td)
         nxt = td["next"]
         for k, v in (("observation", obs), ("action", action), ("reward", nxt["reward"].squeeze(-1)),
-                     ("next_observation", nxt["observation"]), ("terminated", nxt["terminated"].squeeze(-1))):
+                     ("next_observation", nxt["observation"]), ("terminated", nxt["terminated"].squeeze(-1)),
+                     ("done", nxt["done"].squeeze(-1))):
             out[k].append(v.to(device))
         td = td_next
+    # a' of step t is the action of step t+1 (same env); after the last step, the policy's next draw
+    last_action, _ = policy(td["observation"].to(device))
+    next_action = torch.stack([*out["action"][1:], last_action])
+    done = torch.stack(out["done"])
+    if done.any():  # the episode ended at s': the next row's action is a new episode's
+        redraw, _ = policy(torch.stack(out["next_observation"])[done])
+        next_action[done] = redraw
     env.close()
-    return {k: torch.cat(v)[:frames] for k, v in out.items()}
+    data = {k: torch.cat(v)[:frames] for k, v in out.items() if k != "done"}
+    data["next_action"] = next_action.reshape(-1, next_action.shape[-1])[:frames]
+    return data
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from prunerl.config import ConfigError, load_checkpoint, resolve_device, validate_fit
+from prunerl.checkpoint import actor_from_checkpoint, load_checkpoint
+from prunerl.config import ConfigError, resolve_device, validate_fit
 from prunerl.data import RolloutDataModule
 from prunerl.envs import TASKS, make_env
 from prunerl.models import Critic, GaussianActor
@@ -41,7 +42,6 @@ def build_env(cfg: DictConfig):
     perturbing that frozen victim's observations (:mod:`prunerl.adversary`)."""
     if cfg.get("victim") is not None:
         from prunerl.adversary import make_adversary_env
-        from prunerl.evaluate import actor_from_checkpoint
 
         victim, victim_norm, _ = actor_from_checkpoint(load_checkpoint(cfg.victim, key="victim"))
         adv = cfg.adversary

@@ -50,20 +50,35 @@ def test_normaliser_moves_in_training_and_not_when_frozen():
 
 
 def test_evaluation_rollouts_do_not_move_the_checkpoint_statistics():
+    """The env ``run_episodes`` rolls out in normalises every observation with the checkpoint's
+    statistics, unchanged from the first step to the last: what the policy saw (recorded through the
+    attack interface) equals the raw observations of the same trajectory normalised with the
+    loaded statistics."""
     env = make_env("hopper", 4, seed=0)
     _random_steps(env, 100, seed=0)
     state = {k: v.clone() for k, v in normalizer_of(env).state_dict().items()}
+    saved = {k: v.clone() for k, v in state.items()}
+    torch.manual_seed(0)
     actor = GaussianActor(11, 3, (16, 16), "tanh")
-    res = run_episodes(actor, state, "hopper", episodes=3, deterministic=True, seed=0)
-    assert res["episodes"] == 3
-    # the evaluation env's normaliser was loaded, frozen, and left as loaded
-    env2 = make_env("hopper", 2, seed=0)
-    n2 = normalizer_of(env2)
-    n2.load_statistics(state)
-    n2.freeze()
-    _random_steps(env2, 30, seed=3)
-    for k in ("obs_mean", "obs_var", "obs_count", "ret_var"):
-        assert torch.equal(getattr(n2, k), state[k])
+    seen = []
+    res = run_episodes(actor, state, "hopper", episodes=2, num_envs=2, deterministic=True, seed=0,
+                       perturb=lambda obs: seen.append(obs.clone()) or obs)
+    assert res["episodes"] == 2 and len(seen) > 30
+    for k in saved:  # the caller's statistics are not touched either
+        assert torch.equal(state[k], saved[k]), k
+    # replay the same trajectory in a plain (unnormalised) env: same seeds, the policy's actions
+    raw_env = MujocoVecEnv("Hopper-v5", 2, seed=0)
+    raw_env.set_seed(0)
+    td = raw_env.reset()
+    loaded = RunningNormalizer(11, 2).load_statistics(saved)
+    for t, obs_seen in enumerate(seen[:30]):
+        assert torch.equal(obs_seen, loaded.normalize(td["observation"])), t
+        with torch.no_grad():
+            td["action"] = actor(obs_seen)
+        td = raw_env.step(td)["next"]
+        if td["done"].any():
+            break
+    assert t >= 10  # the comparison covered steps after the first update a live normaliser would make
 
 
 def test_env_state_round_trip_continues_bit_for_bit():
