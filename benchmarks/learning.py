@@ -87,8 +87,7 @@ def _worker_prunerl(args) -> dict:
 
 def _prunerl_eval(ckpt: Path, task: str) -> float:
     """Mean raw return of EVAL_EPISODES deterministic episodes of the final policy (frozen normaliser)."""
-    from prunerl.evaluate import actor_from_checkpoint
-    from prunerl.config import load_checkpoint
+    from prunerl.checkpoint import actor_from_checkpoint, load_checkpoint
     from prunerl.evaluation import run_episodes
 
     actor, norm_state, _ = actor_from_checkpoint(load_checkpoint(ckpt))

@@ -61,7 +61,8 @@ class AdversarialEvaluation(L.Callback):
         norm_state = {k: v.clone() for k, v in dm.normalizer.state_dict().items()}
         with torch.random.fork_rng(devices=[]):
             result = evaluate_policy(actor, critic, norm_state, task, self.settings, victim_path=victim_path,
-                                     device=pl_module.device, log=lambda msg: None)
+                                     device=pl_module.device, log=lambda msg: None,
+                                     run_eps=pl_module.run_config["env"].get("eps"))
         result["frames"] = dm.frames
         row = {"eval/clean/return": result["clean_return"], "eval/clean/length": result["clean"]["mean_length"]}
         for name, r in result["attacks"].items():

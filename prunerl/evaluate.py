@@ -34,9 +34,12 @@ from prunerl.models import Critic, GaussianActor
 from prunerl.trained_attacks import learned_adversaries, robust_sarsa_qs
 
 
-def attack_eps(settings, task: str) -> float:
-    """ε of the attacks: ``eps`` if set, else the task's ε."""
-    return float(TASKS[task].eps if settings.eps is None else settings.eps)
+def attack_eps(settings, task: str, run_eps: float | None = None) -> float:
+    """ε of the attacks: ``eps`` if set, else the run's own ``env.eps`` (the ε its SA ball and its
+    certified bound use), else the task's registered ε."""
+    if settings.eps is not None:
+        return float(settings.eps)
+    return float(TASKS[task].eps if run_eps is None else run_eps)
 
 
 def robust_figures(clean_return: float, attack_returns: dict[str, float]) -> dict:
@@ -116,7 +119,7 @@ def _rollouts(actor: GaussianActor, critic: Critic | None, norm_state: dict, tas
 
 def evaluate_policy(actor: GaussianActor, critic: Critic | None, norm_state: dict, task: str, settings, *,
                     victim_path: Path | None = None, device: torch.device = torch.device("cpu"),
-                    log=print) -> dict:
+                    log=print, run_eps: float | None = None) -> dict:
     """Clean and attacked returns of a frozen policy, ``settings.episodes`` episodes each.
 
     The primary table uses ``settings.deterministic`` (a = μ(ŝ) or sampled); with
@@ -126,7 +129,7 @@ def evaluate_policy(actor: GaussianActor, critic: Critic | None, norm_state: dic
     condition uses the same env seeds; the attacks draw from their own generators and the global
     torch RNG is restored afterwards (training RNG untouched: exact resume holds).
     """
-    eps = attack_eps(settings, task)
+    eps = attack_eps(settings, task, run_eps)
     actor = actor.to(device).eval()
     critic = critic.to(device).eval() if critic is not None else None
     stochastic = bool(settings.get("stochastic", False))
@@ -218,7 +221,7 @@ def evaluate(cfg: DictConfig) -> dict:
         task = run_cfg["env"]["name"]
         t0 = time.perf_counter()
         result = evaluate_policy(actor, critic_from_checkpoint(ckpt), norm_state, task, cfg, victim_path=p,
-                                 device=device)
+                                 device=device, run_eps=run_cfg["env"].get("eps"))
         out = {"checkpoint": str(p.resolve()), "frames_trained": ckpt["prunerl"]["frames"], **result,
                "wall_time_s": time.perf_counter() - t0}
         json_path = p.with_suffix(".eval.json")

@@ -277,3 +277,15 @@ def test_evaluate_reports_the_strongest_of_the_learned_adversaries(victim, tmp_p
     runs = sorted(tmp_path.glob("victim.adversary-*"))
     assert len(runs) == 3 and all((r / "adversary_curve.png").is_file() for r in runs)
     assert sorted(json.loads((r / "summary.json").read_text())["seed"] for r in runs) == [0, 1, 2]
+
+
+def test_attacks_use_the_runs_own_env_eps(tmp_path):
+    """env.eps=0.2 (the SA ball's and the certified bound's ε): the attacks default to it too, in the
+    fit callback and in `evaluate` — not to the task's registered 0.05."""
+    run = tmp_path / "run"
+    summary = fit(compose_cfg(run, *SMALL, "env.eps=0.2", "evaluation.episodes=2", "evaluation.attacks=[random]"))
+    assert summary["evaluation"]["eps"] == 0.2 and summary["certified_bound_eps"] == 0.2
+    assert summary["evaluation"]["perturbation_linf"]["random"] > 0.05
+    cfg = compose_cfg(None, f"checkpoint={run / 'checkpoints' / 'last.ckpt'}", "episodes=2", "attacks=[random]",
+                      "stochastic=false", config_name="evaluate")
+    assert evaluate(cfg)["eps"] == 0.2
