@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -15,6 +16,12 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
+
+# Property tests draw the same examples on every run (CI must not pass or fail by chance);
+# HYPOTHESIS_PROFILE=explore draws fresh examples on each run (run it a few times to hunt).
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # A small real run: a MuJoCo task, 2 rollouts of 1,024 frames, 64-wide nets.
 SMALL = [

@@ -26,7 +26,9 @@ def test_inner_loop_stays_in_ball_and_kl_does_not_drop(seed, eps, steps, activat
     with torch.no_grad():
         kl_start = gaussian_kl(actor(obs), actor(start), actor.std)
         kl_end = gaussian_kl(actor(obs), actor(s_hat), actor.std)
-    assert torch.allclose(kl, kl_end, atol=1e-5)
+    # the loop's tanh is 2σ(2x)−1 on the CPU (within 2e-7 of torch.tanh); KL = ½‖Δμ/σ‖² with σ = 0.1
+    # magnifies that 100×: a relative tolerance (a CI run found 5e-5 relative at KL = 6.4)
+    assert torch.allclose(kl, kl_end, rtol=1e-4, atol=1e-5)
     assert (kl_end >= kl_start - 1e-6).all()
 
 
