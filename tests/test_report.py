@@ -386,6 +386,11 @@ def test_no_stochastic_table_without_stochastic_figures(tmp_path, write_run):
      "clean 0.80 < 0.95", "**The effect is absent here**"),
     ({"clean": 100, "mad": [80, 82, 84]}, 3, "undecided: worst-attack 1.64× with a CI excluding 1, but from 3 seeds",
      "**Undecided**"),
+    # a negative verdict needs the same 5 seeds as a positive one
+    ({"clean": 90, "mad": [45, 45, 45]}, 3, "undecided (3 seeds; a verdict needs ≥ 5) — so far absent: no pruned "
+     "sparsity scores above the unpruned run", "**Undecided**"),
+    ({"clean": 100, "mad": [40, 47, 55, 62]}, 4, "undecided (4 seeds; a verdict needs ≥ 5) — so far not shown: "
+     "worst-attack 1.02×, CI [", "**Undecided**"),
 ])
 def test_verdict_is_computed_from_the_figures(tmp_path, write_run, pruned, seeds, expect, overall):
     runs = tmp_path / "runs"
