@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 
+from prunerl import atomic
 from prunerl.adversary import AdversaryEnv
 
 
@@ -78,6 +79,6 @@ def write_curve(curve: list[dict], path: Path) -> Path:
     ax.set_title("learned adversary: training curve")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic.savefig(fig, path, dpi=100)
     plt.close(fig)
     return path

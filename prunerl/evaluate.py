@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from prunerl import atomic
 from prunerl import attacks as A
 from prunerl.checkpoint import actor_from_checkpoint, critic_from_checkpoint, load_checkpoint
 from prunerl.config import ConfigError, resolve_device, validate_attack_settings
@@ -225,7 +226,7 @@ def evaluate(cfg: DictConfig) -> dict:
         out = {"checkpoint": str(p.resolve()), "frames_trained": ckpt["prunerl"]["frames"], **result,
                "wall_time_s": time.perf_counter() - t0}
         json_path = p.with_suffix(".eval.json")
-        json_path.write_text(json.dumps(out, indent=2) + "\n")
+        atomic.write_text(json_path, json.dumps(out, indent=2) + "\n")
         print(f"{p}\n{format_table(result)}\n  ->  {json_path}")
         results[str(p)] = out
     return results if len(results) > 1 else next(iter(results.values()))

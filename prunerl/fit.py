@@ -20,6 +20,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from prunerl.atomic import AtomicCheckpointIO
 from prunerl.checkpoint import actor_from_checkpoint, load_checkpoint
 from prunerl.config import ConfigError, resolve_device, validate_fit
 from prunerl.data import RolloutDataModule
@@ -154,6 +155,7 @@ def fit(cfg: DictConfig) -> dict:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, accelerator="gpu" if device.type == "cuda" else "cpu", max_epochs=n_rollouts,
         logger=loggers, callbacks=callbacks, default_root_dir=str(run.path),
+        plugins=[AtomicCheckpointIO()],  # every checkpoint written whole or not at all
         enable_progress_bar=any(type(c).__name__.endswith("ProgressBar") for c in callbacks),
     )
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prunerl import atomic
 from prunerl.config import ConfigError
 from prunerl.runset import RunSet, Setting, read_runs, settings
 from prunerl.sweetspot import (CLEAN_FLOOR, NORMALIZE, VERDICT_MIN_SEEDS, Analysis, analyse, ci, mode_text,
@@ -74,10 +75,10 @@ T3_COLS = [("env", "Environment", ""), ("kappa", "κ", ""), ("method", "Method",
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
-        path.write_text("")
+        atomic.write_text(path, "")
         return
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
+    with atomic.atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:
@@ -111,7 +112,7 @@ def make_figures(a: Analysis, out: Path, suffix: str) -> list[Path]:
     def save(fig, name):
         path = out / name
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        atomic.savefig(fig, path, dpi=110)
         plt.close(fig)
         files.append(path)
 
@@ -302,11 +303,11 @@ def report(runs_dir: str | Path, out_dir: str | Path, *, normalize: str = "sa", 
         figs += make_figures(a, out, _fig_suffix(a, sets))
 
     md = _summary_md(runs_dir, rs, sets, primary, stochastic, verdicts, figs, normalize, resamples, ci_level, seed)
-    (out / "table2_sweet_spots.md").write_text(_tables_md(primary, "table2"))
-    (out / "table3_worst_seed.md").write_text(_tables_md(primary, "table3"))
+    atomic.write_text(out / "table2_sweet_spots.md", _tables_md(primary, "table2"))
+    atomic.write_text(out / "table3_worst_seed.md", _tables_md(primary, "table3"))
     if t2s:
-        (out / "table2_sweet_spots_stochastic.md").write_text(_tables_md(stochastic, "table2"))
-    (out / "summary.md").write_text(md)
+        atomic.write_text(out / "table2_sweet_spots_stochastic.md", _tables_md(stochastic, "table2"))
+    atomic.write_text(out / "summary.md", md)
     return {"runs": len(rs.runs), "problems": rs.problems, "skipped": rs.skipped, "duplicates": rs.duplicates,
             "settings": [s.id for s in sets], "table2": t2, "table3": t3, "table2_stochastic": t2s,
             "verdicts": verdicts, "figures": [str(f) for f in figs], "out": str(out)}

@@ -15,6 +15,8 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from prunerl import atomic
+
 SUMMARY_KEYS = ("frames", "wall_time_s", "sps", "train_return", "clean_return", "attack_returns",
                 "sparsity", "lipschitz_surrogate", "certified_bound", "seed", "env_id", "kappa",
                 "pruning_method", "final_sparsity")
@@ -43,14 +45,14 @@ class RunDir:
 
     def write_config(self, cfg: DictConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic.write_text(self.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         missing = [k for k in SUMMARY_KEYS if k not in summary]
         if missing:
             raise KeyError(f"summary.json lacks keys {missing}")
         out = self.path / "summary.json"
-        out.write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
+        atomic.write_text(out, json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
         return out
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from prunerl import atomic
 from prunerl import attacks as A
 from prunerl.checkpoint import actor_from_checkpoint, frozen_normalizer, linear_shapes, load_checkpoint
 from prunerl.data import weights_fingerprint
@@ -81,7 +82,7 @@ def robust_sarsa_qs(victim_path: Path, actor: GaussianActor, norm_state: dict, t
             history = A.train_robust_sarsa(q, data, gamma=rs["gamma"], epochs=rs["epochs"],
                                            minibatches=rs["minibatches"], lr=rs["lr"], reg=reg, q_eps=q_eps,
                                            generator=torch.Generator().manual_seed(settings.seed))
-        torch.save({"q": q.state_dict(), "settings": {**shared, "q_eps": q_eps, "reg": reg, "version": RS_VERSION},
+        atomic.torch_save({"q": q.state_dict(), "settings": {**shared, "q_eps": q_eps, "reg": reg, "version": RS_VERSION},
                     "td_loss": history}, path)
         out.append((q_eps, reg, q))
     return out
