@@ -47,6 +47,8 @@ class AdversarialEvaluation(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
+        if any(getattr(c, "interrupted", None) for c in trainer.callbacks):
+            return  # a preempted run is evaluated when it has finished (after resume)
         if self.last is None or self.last["frames"] != trainer.datamodule.frames:
             self.evaluate(trainer, pl_module)
 

@@ -53,9 +53,15 @@ def _run(command: str, cfg: DictConfig):
         if command == "fit":
             from prunerl.fit import fit
 
+            from prunerl.preemption import EXIT_INTERRUPTED
             from prunerl.rundir import format_summary
 
             summary = fit(cfg)
+            if summary.get("status") == "interrupted":
+                print(f"interrupted by {summary['interrupted_by']} at {summary['frames']:,} frames; checkpoint: "
+                      f"{summary['resume']}\ncontinue with: python -m prunerl fit resume={summary['resume']} "
+                      "[the same overrides]", flush=True)
+                sys.exit(EXIT_INTERRUPTED)
             print(("skipped (already finished): " if summary.get("skipped") else "done: ")
                   + format_summary(summary, cfg.run_dir), flush=True)
             return summary

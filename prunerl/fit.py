@@ -27,6 +27,7 @@ from prunerl.data import RolloutDataModule
 from prunerl.envs import TASKS, make_env
 from prunerl.models import Critic, GaussianActor
 from prunerl.module import PPOModule
+from prunerl.preemption import Preemption
 from prunerl.rundir import MetricsLogger, RunDir, read_summary
 
 
@@ -82,7 +83,7 @@ def _finished_run(cfg: DictConfig, run: RunDir) -> dict | None:
     is exactly one the report would count once."""
     from prunerl.runset import run_config
 
-    if not (run.path / "summary.json").is_file():
+    if not (run.path / "summary.json").is_file() or read_summary(run.path).get("status") == "interrupted":
         moved = run.move_aside()
         print(f"{run.path} held an unfinished run; moved it to {moved} and starting again", flush=True)
         return None
@@ -147,6 +148,8 @@ def fit(cfg: DictConfig) -> dict:
     loggers = [MetricsLogger(run.path)]
     loggers += [hydra.utils.instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    preemption = Preemption()  # SIGTERM/SIGINT/SIGUSR1: finish the rollout, checkpoint, stop
+    callbacks.append(preemption)
     callbacks.append(ModelCheckpoint(
         dirpath=run.checkpoints, filename="rollout{epoch:05d}-t{step}",
         every_n_epochs=cfg.checkpoint.every_n_rollouts or 0,  # null: no periodic ones, only last.ckpt
@@ -193,9 +196,16 @@ def fit(cfg: DictConfig) -> dict:
         "final_sparsity": 0.0,
         "device": str(device),
         "resumed_from": cfg.resume,
+        "status": "finished",
     }
     for extra in trainer.callbacks:  # callbacks may add their figures (pruning, Lipschitz, eval)
         if hasattr(extra, "summary"):
             summary.update(extra.summary(trainer, module))
+    if preemption.interrupted is not None:
+        # not a finished run: no evaluation figures (an earlier periodic one is in metrics.jsonl)
+        summary.update(status="interrupted", interrupted_by=preemption.interrupted, clean_return=None,
+                       attack_returns={}, resume=str(run.checkpoints / "last.ckpt"))
+        for k in ("robust_return", "robust_return_avg", "evaluation", "evaluation_stochastic"):
+            summary.pop(k, None)
     run.write_summary(summary)
     return summary

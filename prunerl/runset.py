@@ -204,7 +204,10 @@ def read_runs(root: str | Path) -> RunSet:
             except (OSError, json.JSONDecodeError) as e:
                 why = f"summary.json is unreadable ({e})"
             else:
-                if summary.get("clean_return") is None:
+                if summary.get("status") == "interrupted":
+                    why = (f"interrupted by {summary.get('interrupted_by')} at {summary.get('frames')} frames "
+                           f"(resume it: python -m prunerl fit resume={summary.get('resume')})")
+                elif summary.get("clean_return") is None:
                     why = "summary.json has no clean_return (evaluation did not run)"
         candidates.append((run_dir, cfg, summary, why))
 
