@@ -483,7 +483,7 @@ def verdict(row: dict, setting_task: str) -> dict:
     else:
         text = f"absent: worst-attack return at the sweet spot is {rw:.2f}× the baseline's (not above 1)"
         effect = False
-    if effect is False and n < VERDICT_MIN_SEEDS:
+    if n < VERDICT_MIN_SEEDS and not text.startswith("undecided"):
         # a negative verdict needs as many seeds as a positive one: below that, say what the
         # point estimates show and that they decide nothing
         text = f"undecided ({n} {'seed' if n == 1 else 'seeds'}; a verdict needs ≥ {VERDICT_MIN_SEEDS}) — so far {text}"
