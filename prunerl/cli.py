@@ -57,6 +57,9 @@ def _run(command: str, cfg: DictConfig):
             from prunerl.rundir import format_summary
 
             summary = fit(cfg)
+            if summary.get("busy"):
+                print(f"skipped: {summary['run_dir']} is being trained by another fit", flush=True)
+                return summary
             if summary.get("status") == "interrupted":
                 print(f"interrupted by {summary['interrupted_by']} at {summary['frames']:,} frames; checkpoint: "
                       f"{summary['resume']}\ncontinue with: python -m prunerl fit resume={summary['resume']} "

@@ -28,7 +28,7 @@ from prunerl.envs import TASKS, make_env
 from prunerl.models import Critic, GaussianActor
 from prunerl.module import PPOModule
 from prunerl.preemption import Preemption
-from prunerl.rundir import MetricsLogger, RunDir, read_summary
+from prunerl.rundir import MetricsLogger, RunDir, RunDirBusy, read_summary
 
 
 def build_models(cfg: DictConfig, obs_dim: int, act_dim: int) -> tuple[GaussianActor, Critic]:
@@ -100,17 +100,41 @@ def _finished_run(cfg: DictConfig, run: RunDir) -> dict | None:
 
 
 def fit(cfg: DictConfig) -> dict:
-    """Train as ``cfg`` says; write the run directory; return ``summary.json``'s content."""
+    """Train as ``cfg`` says; write the run directory; return ``summary.json``'s content.
+
+    The run dir is locked while this runs (:meth:`RunDir.lock`): a second ``fit`` into it is
+    refused — with ``skip_finished`` (sweeps), skipped as in progress elsewhere."""
     validate_fit(cfg)
+    device = resolve_device(cfg.device)
     run = RunDir(cfg.run_dir)
+    # refusals and skips that need no lock come first: they write nothing (not even the lock file)
+    if run.existing_run():
+        if not cfg.get("skip_finished"):
+            _refuse_existing(run)
+        if (run.path / "summary.json").is_file() and read_summary(run.path).get("status") != "interrupted":
+            return _finished_run(cfg, run)
+    try:
+        with run.lock():
+            return _fit(cfg, run, device)
+    except RunDirBusy as e:
+        if not cfg.get("skip_finished"):
+            raise
+        print(f"skip: {run.path} is being trained by another fit ({e})", flush=True)
+        return {"skipped": True, "busy": True, "run_dir": str(run.path)}
+
+
+def _refuse_existing(run: RunDir) -> None:
+    raise ConfigError(f"hydra.run.dir={run.path} already holds a run ({', '.join(run.existing_run())}); "
+                      "choose a new directory (resume=PATH writes its continuation to a new one)")
+
+
+def _fit(cfg: DictConfig, run: RunDir, device: torch.device) -> dict:
     if cfg.get("skip_finished") and run.existing_run():
         finished = _finished_run(cfg, run)
         if finished is not None:
             return finished
     if run.existing_run():
-        raise ConfigError(f"hydra.run.dir={run.path} already holds a run ({', '.join(run.existing_run())}); "
-                          "choose a new directory (resume=PATH writes its continuation to a new one)")
-    device = resolve_device(cfg.device)
+        _refuse_existing(run)
     # Lightning's start-up chatter (accelerator lines, tips) drowns the progress bar.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")

@@ -6,8 +6,11 @@ One home for writing it: ``fit`` uses :class:`RunDir`; the report and benchmarks
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from prunerl import atomic
+from prunerl.errors import ConfigError
+
+class RunDirBusy(ConfigError):
+    """The run dir is held by another running ``fit``."""
+
 
 SUMMARY_KEYS = ("frames", "wall_time_s", "sps", "train_return", "clean_return", "attack_returns",
                 "sparsity", "lipschitz_surrogate", "certified_bound", "seed", "env_id", "kappa",
@@ -31,6 +39,26 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold this run dir for one ``fit``: a second ``fit`` into it while the first runs is refused
+        (never interleaved). An advisory ``flock`` on ``<run dir>/.lock``: the kernel drops it when the
+        holder exits, however it exits, so a crashed run never leaves the dir locked."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                raise RunDirBusy(f"hydra.run.dir={self.path} is in use by a running fit (pid {holder}); "
+                                 "wait for it to finish or choose another directory") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield self
+        finally:
+            os.close(fd)   # releases the lock
+
     def existing_run(self) -> list[str]:
         """What of a previous run already stands here (a new run must not overwrite it)."""
         return [m for m in RUN_MARKERS if (self.path / m).exists()]
@@ -41,6 +69,9 @@ class RunDir:
         while (target := self.path.with_name(f"{self.path.name}.partial-{k}")).exists():
             k += 1
         self.path.rename(target)
+        if (target / ".lock").exists():   # the lock this fit holds stays with the run dir's path
+            self.path.mkdir()
+            (target / ".lock").rename(self.path / ".lock")
         return target
 
     def write_config(self, cfg: DictConfig) -> None:
