@@ -1,11 +1,12 @@
 """Preemption: a signal finishes the rollout, checkpoints, marks the run interrupted; resuming it
 ends with exactly the weights of the run that was never interrupted."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
-import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -38,6 +39,7 @@ class SignalAt(L.Callback):
 ])
 def test_a_signal_checkpoints_and_the_resumed_run_ends_like_the_uninterrupted_one(small_cfg, tmp_path, signum,
                                                                                    rollout, update):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     whole = fit(small_cfg(*OVER, run_dir=tmp_path / "whole"))
     assert whole["status"] == "finished"
 
@@ -49,7 +51,7 @@ def test_a_signal_checkpoints_and_the_resumed_run_ends_like_the_uninterrupted_on
     assert cut["status"] == "interrupted" and cut["interrupted_by"] == signal.Signals(signum).name
     assert cut["frames"] == 1024 * (rollout + 1) < 4096 and cut["updates"] == 16 * (rollout + 1)
     assert cut["clean_return"] is None and read_summary(tmp_path / "cut")["status"] == "interrupted"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
+    assert {s: signal.getsignal(s) for s in before} == before   # the handlers from before the run, restored
 
     resumed = fit(small_cfg(*OVER, f"resume={cut['resume']}", run_dir=tmp_path / "resumed"))
     assert resumed["status"] == "finished" and resumed["frames"] == 4096
@@ -69,7 +71,6 @@ def test_the_cli_exits_75_with_a_resume_line_and_the_report_names_the_interrupte
     child = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
     # wait until training has started (its first metrics row), then preempt
-    import time
     t0 = time.time()
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
         assert child.poll() is None and time.time() - t0 < 120, child.stdout.read() if child.poll() is not None else ""
