@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from prunerl import atomic
 from prunerl.errors import ConfigError
 
+
 class RunDirBusy(ConfigError):
     """The run dir is held by another running ``fit``."""
 
