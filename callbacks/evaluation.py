@@ -29,6 +29,7 @@ import torch
 
 from prunerl.attacks import TRAINED_ATTACKS
 from prunerl.evaluate import evaluate_policy
+from prunerl.preemption import Interrupted
 
 
 class AdversarialEvaluation(L.Callback):
@@ -39,6 +40,7 @@ class AdversarialEvaluation(L.Callback):
         self.next_at = self.every
         self.history: list[dict] = []
         self.last: dict | None = None
+        self.interrupted: str | None = None   # a signal's name, when it cut the evaluation
 
     def on_train_epoch_end(self, trainer, pl_module):
         frames = trainer.datamodule.frames
@@ -47,10 +49,21 @@ class AdversarialEvaluation(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        if any(getattr(c, "interrupted", None) for c in trainer.callbacks):
+        self.finish(trainer, pl_module)
+
+    def done(self, trainer) -> bool:
+        """Whether the policy as it is now has been evaluated (the end-of-run evaluation is done)."""
+        return self.last is not None and self.last["frames"] == trainer.datamodule.frames
+
+    def finish(self, trainer, pl_module) -> None:
+        """The end-of-run evaluation; also called by ``fit`` when a run resumed from its final
+        checkpoint (Lightning then trains nothing and calls no ``on_train_end``)."""
+        if self.done(trainer) or any(getattr(c, "interrupted", None) for c in trainer.callbacks):
             return  # a preempted run is evaluated when it has finished (after resume)
-        if self.last is None or self.last["frames"] != trainer.datamodule.frames:
+        try:
             self.evaluate(trainer, pl_module)
+        except Interrupted as e:   # the learned adversary's training was preempted: resume later
+            self.interrupted = str(e)
 
     def evaluate(self, trainer, pl_module) -> dict:
         dm = trainer.datamodule

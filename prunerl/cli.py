@@ -53,7 +53,8 @@ def _run(command: str, cfg: DictConfig):
         if command == "fit":
             from prunerl.fit import fit
 
-            from prunerl.preemption import EXIT_INTERRUPTED
+            from prunerl.divergence import EXIT_DIVERGED
+            from prunerl.preemption import EXIT_INTERRUPTED, requeue_on_slurm
             from prunerl.rundir import format_summary
 
             summary = fit(cfg)
@@ -62,9 +63,19 @@ def _run(command: str, cfg: DictConfig):
                 return summary
             if summary.get("status") == "interrupted":
                 print(f"interrupted by {summary['interrupted_by']} at {summary['frames']:,} frames; checkpoint: "
-                      f"{summary['resume']}\ncontinue with: python -m prunerl fit resume={summary['resume']} "
-                      "[the same overrides]", flush=True)
+                      f"{summary['resume']}\ncontinue with: python -m prunerl fit resume=auto "
+                      f"hydra.run.dir={cfg.run_dir} [the same overrides] (in place), or "
+                      f"resume={summary['resume']} [the same overrides] (into a new run dir)", flush=True)
+                requeue_on_slurm(cfg)
                 sys.exit(EXIT_INTERRUPTED)
+            if summary.get("status") == "diverged":
+                good = summary.get("last_good_checkpoint")
+                print(f"error: {summary['error']} — the run stopped there; summary.json says \"diverged\"; "
+                      f"last good checkpoint: {good or 'none (it diverged before the first)'}",
+                      file=sys.stderr, flush=True)
+                if not _multirun():   # a sweep goes on with its other runs
+                    sys.exit(EXIT_DIVERGED)
+                return summary
             print(("skipped (already finished): " if summary.get("skipped") else "done: ")
                   + format_summary(summary, cfg.run_dir), flush=True)
             return summary
@@ -76,6 +87,13 @@ def _run(command: str, cfg: DictConfig):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _report(cfg: DictConfig) -> dict:

@@ -33,6 +33,11 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def _number(value, positive: bool = False) -> bool:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return ok and (value > 0 if positive else True)
+
+
 def validate_fit(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first bad value in a ``fit`` config."""
     env, algo = cfg.env, cfg.algo
@@ -72,8 +77,15 @@ def validate_fit(cfg: DictConfig) -> None:
                           "allowed: ['relu', 'tanh']")
     if algo.model.sigma <= 0:
         raise ConfigError(f"algo.model.sigma={algo.model.sigma} must be > 0")
-    if cfg.checkpoint.every_n_rollouts is not None:
-        _positive_int("checkpoint.every_n_rollouts", cfg.checkpoint.every_n_rollouts)
+    ck = cfg.checkpoint
+    if ck.every_n_rollouts is not None:
+        _positive_int("checkpoint.every_n_rollouts", ck.every_n_rollouts)
+    if ck.get("every_minutes") is not None and not _number(ck.every_minutes, positive=True):
+        raise ConfigError(f"checkpoint.every_minutes={ck.every_minutes!r} must be a number > 0 (null: off)")
+    if not _number(ck.get("min_free_mb", 0)) or ck.get("min_free_mb", 0) < 0:
+        raise ConfigError(f"checkpoint.min_free_mb={ck.min_free_mb!r} must be a number >= 0")
+    if ck.get("requeue", "auto") not in ("auto", False):
+        raise ConfigError(f"checkpoint.requeue={ck.requeue!r} is not allowed; allowed: ['auto', false]")
     if cfg.get("pruning") is not None:
         validate_pruning_cfg(cfg.pruning)
     resolve_device(cfg.device)
@@ -89,7 +101,7 @@ def validate_fit(cfg: DictConfig) -> None:
         adv_eps = cfg.adversary.eps
         if adv_eps is not None and adv_eps < 0:
             raise ConfigError(f"adversary.eps={adv_eps} is negative; ε must be >= 0")
-    if cfg.resume is not None:
+    if cfg.resume is not None and cfg.resume != "auto":
         ckpt = load_checkpoint(cfg.resume, key="resume")
         task = ckpt["prunerl"]["config"]["env"]["name"]
         if task != env.name:

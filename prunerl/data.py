@@ -24,6 +24,7 @@ from torchrl.collectors import Collector
 
 from torchrl.envs import TransformedEnv
 
+from prunerl.divergence import check, normalizer_statistics
 from prunerl.envs import normalizer_of
 from prunerl.models import ActorPolicy, Critic, GaussianActor
 from prunerl.ppo import gae
@@ -139,6 +140,11 @@ class RolloutDataModule(L.LightningDataModule):
         flat = data.select("observation", "action", "sample_log_prob").reshape(-1)
         flat.set("advantage", adv.reshape(-1))
         flat.set("value_target", target.reshape(-1))
+        # a physics blow-up shows here first (Gymnasium's "simulation is unstable" states)
+        check(self.trainer.global_step if self.trainer is not None else 0, [
+            ("observation normaliser statistic", normalizer_statistics(self.normalizer)),
+            ("rollout", {"observation": data["observation"], "next observation": nxt["observation"],
+                         "reward": nxt["reward"], "advantage": adv, "value target": target})])
         self.collect_time += time.perf_counter() - t0
         self.last_rollout = flat
         return flat

@@ -24,11 +24,12 @@ from prunerl.atomic import AtomicCheckpointIO
 from prunerl.checkpoint import actor_from_checkpoint, load_checkpoint
 from prunerl.config import ConfigError, resolve_device, validate_fit
 from prunerl.data import RolloutDataModule
+from prunerl.divergence import Diverged, DivergenceGuard
 from prunerl.envs import TASKS, make_env
 from prunerl.models import Critic, GaussianActor
 from prunerl.module import PPOModule
-from prunerl.preemption import Preemption
-from prunerl.rundir import MetricsLogger, RunDir, RunDirBusy, read_summary
+from prunerl.preemption import FinalCheckpoint, Preemption, TimedCheckpoint
+from prunerl.rundir import MetricsLogger, RunDir, RunDirBusy, newest_checkpoint, read_summary, run_config_diff
 
 
 def build_models(cfg: DictConfig, obs_dim: int, act_dim: int) -> tuple[GaussianActor, Critic]:
@@ -63,10 +64,37 @@ def task_eps(cfg: DictConfig) -> float:
 
 
 def _use_wandb_offline_without_key(cfg: DictConfig) -> None:
-    if "wandb" in (cfg.logger or {}) and "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+    """W&B runs offline when there is no key, and falls back to offline (with a warning) when
+    online mode cannot reach the server, instead of blocking the run on retries."""
+    if "wandb" not in (cfg.logger or {}) or cfg.logger.wandb is None:
+        return
+    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
         netrc = Path.home() / ".netrc"
         if not (netrc.exists() and "api.wandb.ai" in netrc.read_text()):
             os.environ["WANDB_MODE"] = "offline"
+            return
+    if os.environ.get("WANDB_MODE", "online") == "online":
+        url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        why = unreachable(url, timeout=float(cfg.get("wandb_probe_timeout_s", 5.0)))
+        if why is not None:
+            warnings.warn(f"W&B: cannot reach {url} ({why}); logging offline instead — upload later with "
+                          f"`wandb sync {cfg.run_dir}/wandb/offline-run-*`", stacklevel=2)
+            print(f"warning: W&B cannot reach {url} ({why}); this run logs offline", flush=True)
+            os.environ["WANDB_MODE"] = "offline"
+
+
+def unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why a TCP connection to ``url``'s host cannot be opened within ``timeout`` s, or None if it can."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def weight_sparsity(module: torch.nn.Module) -> float:
@@ -81,38 +109,39 @@ def _finished_run(cfg: DictConfig, run: RunDir) -> dict | None:
     dir — refused if that run's config differs — or None after moving an unfinished one aside.
     "The same run" is the report's definition (:func:`prunerl.runset.run_config`), so a skipped run
     is exactly one the report would count once."""
-    from prunerl.runset import run_config
-
     if not (run.path / "summary.json").is_file() or read_summary(run.path).get("status") == "interrupted":
-        moved = run.move_aside()
-        print(f"{run.path} held an unfinished run; moved it to {moved} and starting again", flush=True)
         return None
-    saved = yaml.safe_load((run.path / "config.yaml").read_text()) if (run.path / "config.yaml").is_file() else {}
-    there, now = run_config(saved or {}), run_config(OmegaConf.to_container(cfg, resolve=True))
-    diff = [(k, there.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(there) | set(now))
-            if there.get(k, "<absent>") != now.get(k, "<absent>")]
+    diff = run_config_diff(run.path, OmegaConf.to_container(cfg, resolve=True))
     if diff:
-        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:5])
-        raise ConfigError(f"hydra.run.dir={run.path} holds a finished run of another config ({shown}); "
-                          "skip_finished only skips the same run — delete it or choose another directory")
-    print(f"skip: {run.path} already finished (skip_finished=true)", flush=True)
+        raise ConfigError(f"hydra.run.dir={run.path} holds a finished run of another config ({diff}); "
+                          "skip_finished and resume=auto only skip the same run — delete it or choose another directory")
+    print(f"skip: {run.path} already finished", flush=True)
     return {**read_summary(run.path), "skipped": True}
+
+
+def auto_resume(cfg: DictConfig) -> bool:
+    """``resume=auto`` or ``skip_finished=true``: a run dir holding this run continues it in place."""
+    return cfg.resume == "auto" or bool(cfg.get("skip_finished"))
 
 
 def fit(cfg: DictConfig) -> dict:
     """Train as ``cfg`` says; write the run directory; return ``summary.json``'s content.
 
     The run dir is locked while this runs (:meth:`RunDir.lock`): a second ``fit`` into it is
-    refused — with ``skip_finished`` (sweeps), skipped as in progress elsewhere."""
+    refused — with ``skip_finished`` (sweeps), skipped as in progress elsewhere. With
+    ``resume=auto`` (and in sweeps with ``skip_finished``) a run dir already holding this run is
+    skipped when finished, continued in place from its newest good checkpoint when not."""
     validate_fit(cfg)
     device = resolve_device(cfg.device)
     run = RunDir(cfg.run_dir)
     # refusals and skips that need no lock come first: they write nothing (not even the lock file)
     if run.existing_run():
-        if not cfg.get("skip_finished"):
+        if not auto_resume(cfg):
             _refuse_existing(run)
-        if (run.path / "summary.json").is_file() and read_summary(run.path).get("status") != "interrupted":
-            return _finished_run(cfg, run)
+        finished = _finished_run(cfg, run)
+        if finished is not None:
+            return finished
+    run.probe(min_free_mb=cfg.checkpoint.get("min_free_mb", 0))
     try:
         with run.lock():
             return _fit(cfg, run, device)
@@ -125,16 +154,41 @@ def fit(cfg: DictConfig) -> dict:
 
 def _refuse_existing(run: RunDir) -> None:
     raise ConfigError(f"hydra.run.dir={run.path} already holds a run ({', '.join(run.existing_run())}); "
-                      "choose a new directory (resume=PATH writes its continuation to a new one)")
+                      "choose a new directory, or continue it there with resume=auto "
+                      "(resume=PATH writes its continuation to a new one)")
+
+
+def _resume_in_place(cfg: DictConfig, run: RunDir) -> str | None:
+    """The checkpoint an unfinished run in ``run`` continues from (its metrics log cut back to it),
+    or None after moving a run that has no good checkpoint aside (nothing written is lost)."""
+    diff = run_config_diff(run.path, OmegaConf.to_container(cfg, resolve=True))
+    if diff:
+        raise ConfigError(f"hydra.run.dir={run.path} holds an unfinished run of another config ({diff}); "
+                          "resume=auto continues only the same run — delete it or choose another directory")
+    found, bad = newest_checkpoint(run.checkpoints)
+    for path, why in bad:
+        print(f"resume=auto: skipping {path} ({why})", flush=True)
+    if found is None:
+        moved = run.move_aside()
+        print(f"{run.path} held an unfinished run without a good checkpoint; moved it to {moved} and "
+              "starting again", flush=True)
+        return None
+    path, step = found
+    dropped = run.truncate_metrics(after_step=step)
+    print(f"resume=auto: continuing {run.path} from {path} (update {step}; "
+          f"{dropped} metrics rows after it dropped)", flush=True)
+    return str(path)
 
 
 def _fit(cfg: DictConfig, run: RunDir, device: torch.device) -> dict:
-    if cfg.get("skip_finished") and run.existing_run():
-        finished = _finished_run(cfg, run)
+    resume = None if cfg.resume in (None, "auto") else str(cfg.resume)
+    if run.existing_run():
+        if not auto_resume(cfg):
+            _refuse_existing(run)
+        finished = _finished_run(cfg, run)   # again, under the lock: it may have finished meanwhile
         if finished is not None:
             return finished
-    if run.existing_run():
-        _refuse_existing(run)
+        resume = _resume_in_place(cfg, run)
     # Lightning's start-up chatter (accelerator lines, tips) drowns the progress bar.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -172,8 +226,13 @@ def _fit(cfg: DictConfig, run: RunDir, device: torch.device) -> dict:
     loggers = [MetricsLogger(run.path)]
     loggers += [hydra.utils.instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    final = FinalCheckpoint(run.checkpoints / "last.ckpt")   # first: before the end-of-run evaluation
+    callbacks.insert(0, final)
     preemption = Preemption()  # SIGTERM/SIGINT/SIGUSR1: finish the rollout, checkpoint, stop
     callbacks.append(preemption)
+    callbacks.append(DivergenceGuard())  # no checkpoint holds a NaN (checkpoint callbacks run after it)
+    if cfg.checkpoint.get("every_minutes") is not None:
+        callbacks.append(TimedCheckpoint(cfg.checkpoint.every_minutes, run.checkpoints / "last.ckpt"))
     callbacks.append(ModelCheckpoint(
         dirpath=run.checkpoints, filename="rollout{epoch:05d}-t{step}",
         every_n_epochs=cfg.checkpoint.every_n_rollouts or 0,  # null: no periodic ones, only last.ckpt
@@ -189,13 +248,24 @@ def _fit(cfg: DictConfig, run: RunDir, device: torch.device) -> dict:
     # Train
     t0 = time.perf_counter()
     frames0 = 0
-    if cfg.resume is not None:
-        frames0 = torch.load(cfg.resume, map_location="cpu", weights_only=False)[
-            "prunerl"]["frames"]
+    if resume is not None:
+        frames0 = torch.load(resume, map_location="cpu", weights_only=False)["prunerl"]["frames"]
     # weights_only=False: our checkpoints hold numpy RNG states and env physics (our own files)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume, weights_only=False)
+    diverged: Diverged | None = None
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=False)
+    except Diverged as e:   # the weights may hold the NaN now: no checkpoint, no figures from them
+        diverged = e
+    interrupted = preemption.interrupted
+    if diverged is None and interrupted is None:
+        for c in trainer.callbacks:   # resumed from its final checkpoint: Lightning ran no on_train_end
+            if hasattr(c, "finish"):
+                c.finish(trainer, module)
+    interrupted = interrupted or next((c.interrupted for c in trainer.callbacks
+                                       if c is not preemption and getattr(c, "interrupted", None)), None)
     wall = time.perf_counter() - t0
-    trainer.save_checkpoint(run.checkpoints / "last.ckpt", weights_only=False)
+    if diverged is None and not final.saved:
+        trainer.save_checkpoint(run.checkpoints / "last.ckpt", weights_only=False)
 
     summary = {
         "frames": dm.frames,
@@ -219,15 +289,26 @@ def _fit(cfg: DictConfig, run: RunDir, device: torch.device) -> dict:
         "pruning_method": "none",
         "final_sparsity": 0.0,
         "device": str(device),
-        "resumed_from": cfg.resume,
+        "resumed_from": resume,
         "status": "finished",
     }
+    if diverged is not None:
+        good, _ = newest_checkpoint(run.checkpoints)
+        summary.update(status="diverged", diverged_at_update=diverged.update, diverged_term=diverged.term,
+                       error=str(diverged), last_good_checkpoint=str(good[0]) if good else None)
+        run.write_summary(summary)
+        return summary
     for extra in trainer.callbacks:  # callbacks may add their figures (pruning, Lipschitz, eval)
         if hasattr(extra, "summary"):
             summary.update(extra.summary(trainer, module))
-    if preemption.interrupted is not None:
+    complete = trainer.global_step >= module.total_updates and all(
+        c.done(trainer) for c in trainer.callbacks if hasattr(c, "done"))
+    if interrupted is not None and complete:
+        # the signal came during the end-of-run evaluation, which finished: nothing is left to do
+        summary["signal_received"] = interrupted
+    elif interrupted is not None:
         # not a finished run: no evaluation figures (an earlier periodic one is in metrics.jsonl)
-        summary.update(status="interrupted", interrupted_by=preemption.interrupted, clean_return=None,
+        summary.update(status="interrupted", interrupted_by=interrupted, clean_return=None,
                        attack_returns={}, resume=str(run.checkpoints / "last.ckpt"))
         for k in ("robust_return", "robust_return_avg", "evaluation", "evaluation_stochastic"):
             summary.pop(k, None)

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from tensordict import TensorDictBase
 
+from prunerl.divergence import Diverged, check, parameters_of
 from prunerl.models import Critic, GaussianActor
 from prunerl.ppo import ppo_diagnostics, ppo_loss_terms
 from prunerl.sa import sa_regularizer
@@ -112,12 +113,23 @@ class PPOModule(L.LightningModule):
         # What ``self.clip_gradients(opt, max_grad_norm, "norm")`` does for 32-bit training: the
         # global norm of all gradients — here the norm of the one flat gradient (kept, unsynced).
         self.grad_norm = torch.nn.utils.clip_grad_norm_([self.flat.param], self.max_grad_norm, foreach=True)
+        # one finiteness test per update (two scalars), before the step that would spread a NaN
+        if not bool(torch.isfinite(loss.detach() + self.grad_norm)):
+            self._diverged(batch, metrics)
         opt.step()
 
         # Accumulate cheaply; logged once per rollout (self.log per step costs more than a step).
         if not self._metric_names:
             self._metric_names = list(metrics)
         self._step_metrics.append(torch.stack([metrics[k].float() for k in self._metric_names]))
+
+    def _diverged(self, batch: TensorDictBase, metrics: dict) -> None:
+        """Name what is not finite, in the order a NaN spreads (weights → inputs → loss → grads)."""
+        inputs = {k: batch[k] for k in ("observation", "action", "sample_log_prob", "advantage", "value_target")}
+        grads = {n: p.grad for n, p in self.named_parameters()}
+        check(self.global_step, [("parameter", parameters_of(self)), ("minibatch input", inputs),
+                                 ("loss term", metrics), ("gradient of", grads)])
+        raise Diverged(self.global_step, "the global gradient norm")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         dm = self.trainer.datamodule

@@ -13,8 +13,11 @@ handling (raise mid-rollout, no checkpoint) is replaced while the run trains and
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import threading
+import time
 
 import lightning as L
 
@@ -61,3 +64,69 @@ class Preemption(L.Callback):
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous = {}
+
+
+class TimedCheckpoint(L.Callback):
+    """``checkpoint.every_minutes``: write ``checkpoints/last.ckpt`` at the first rollout end after
+    each ``minutes`` of training, so a crash (``kill -9``, a dead node) loses at most about that much.
+    Rollout ends only: a checkpoint there resumes exactly (mid-rollout ones could not — the
+    rollout's data is not in it). Runs after :class:`~prunerl.divergence.DivergenceGuard`."""
+
+    def __init__(self, minutes: float, path) -> None:
+        self.seconds, self.path = 60.0 * float(minutes), path
+        self._last = None
+        self.saved = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last = time.monotonic()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if time.monotonic() - self._last >= self.seconds:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self._last = time.monotonic()
+            self.saved += 1
+
+
+def requeue_on_slurm(cfg) -> bool:
+    """After a preemption inside a SLURM job (``SLURM_JOB_ID`` set) with ``checkpoint.requeue=auto``:
+    put the job back in the queue (``scontrol requeue``, as Lightning's SLURM plugin does). The
+    requeued job runs the same command again; with ``resume=auto`` (a sweep's ``skip_finished``)
+    it continues this run dir in place. Returns whether a requeue was asked for."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None or cfg.checkpoint.get("requeue", "auto") != "auto":
+        return False
+    if cfg.resume != "auto" and not cfg.get("skip_finished"):
+        print("not requeued: the requeued job would start a new run (run it with resume=auto, or a sweep "
+              "preset's skip_finished=true, to be requeued and continued)", flush=True)
+        return False
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    try:
+        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"warning: could not requeue SLURM job {job}: {e}", flush=True)
+        return False
+    if r.returncode != 0:
+        print(f"warning: `scontrol requeue {job}` failed ({r.returncode}): {r.stderr.strip()}", flush=True)
+        return False
+    print(f"requeued SLURM job {job}; it resumes from the checkpoint when it starts again "
+          f"(with resume=auto or skip_finished=true)", flush=True)
+    return True
+
+
+class Interrupted(Exception):
+    """A preemption signal stopped work that cannot finish its part (e.g. an evaluation whose
+    learned adversary's own training was preempted); the message is the signal's name."""
+
+
+class FinalCheckpoint(L.Callback):
+    """Writes ``checkpoints/last.ckpt`` when training ends, before the end-of-run evaluation (put
+    first in the callback list): a run killed during that evaluation resumes with ``resume=auto``
+    and only evaluates (Robust Sarsa's and the adversaries' finished training is cached)."""
+
+    def __init__(self, path) -> None:
+        self.path, self.saved = path, False
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self.saved = True

@@ -11,6 +11,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,62 @@ class RunDir:
         finally:
             os.close(fd)   # releases the lock
 
+    def probe(self, min_free_mb: float = 0) -> None:
+        """Find an unwritable or full run dir before training starts: create it, write, fsync and
+        remove a probe file, and check the free space (``checkpoint.min_free_mb``). On failure a
+        :class:`ConfigError` naming the directory; a directory this probe created is removed."""
+        missing = []
+        p = self.path.absolute()
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        if not p.is_dir():
+            raise ConfigError(f"hydra.run.dir={self.path} cannot be created: {p} is a file, not a directory")
+
+        def undo() -> None:
+            for d in missing:   # deepest first
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+        probe = self.path / f".write-probe-{os.getpid()}"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, b"\0" * 65536)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                probe.unlink(missing_ok=True)
+        except OSError as e:
+            undo()
+            raise ConfigError(f"hydra.run.dir={self.path} is not writable ({e.strerror or e}); "
+                              "choose a directory this user can write to") from None
+        free = shutil.disk_usage(self.path).free / 2**20
+        if free < min_free_mb:
+            undo()
+            raise ConfigError(f"hydra.run.dir={self.path} has {free:,.0f} MiB free, less than "
+                              f"checkpoint.min_free_mb={min_free_mb:g}; free some space or choose another directory")
+
+    def truncate_metrics(self, after_step: int) -> int:
+        """Drop metrics.jsonl rows logged after update ``after_step`` (work a resumed run redoes) and a
+        torn last row; return how many rows were dropped. Atomic: the old file stays until the new one is whole."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return 0
+        lines = path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step") is None or row["step"] <= after_step:
+                keep.append(line)
+        if len(keep) != len(lines):
+            atomic.write_text(path, "".join(f"{line}\n" for line in keep))
+        return len(lines) - len(keep)
+
     def existing_run(self) -> list[str]:
         """What of a previous run already stands here (a new run must not overwrite it)."""
         return [m for m in RUN_MARKERS if (self.path / m).exists()]
@@ -86,6 +143,44 @@ class RunDir:
         out = self.path / "summary.json"
         atomic.write_text(out, json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
         return out
+
+
+def run_config_diff(run_dir: str | Path, config: dict) -> str:
+    """How the run saved in ``run_dir`` (its config.yaml) differs from ``config`` as a run — the
+    report's definition of "the same run" (:func:`prunerl.runset.run_config`); "" when it does not."""
+    import yaml
+
+    from prunerl.runset import run_config
+
+    saved_path = Path(run_dir) / "config.yaml"
+    saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else {}
+    there, now = run_config(saved or {}), run_config(config)
+    diff = [(k, there.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(there) | set(now))
+            if there.get(k, "<absent>") != now.get(k, "<absent>")]
+    return "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:5])
+
+
+def newest_checkpoint(folder: str | Path) -> tuple[tuple[Path, int] | None, list[tuple[Path, str]]]:
+    """The run's newest good resume checkpoint in ``folder`` (``last.ckpt`` and the periodic
+    ``rollout*.ckpt``; not the evaluation's victim copies) as ``(path, update t)``, and the files
+    passed over with why (truncated, unreadable, not PruneRL's)."""
+    import torch
+
+    folder = Path(folder)
+    found, bad = [], []
+    if not folder.is_dir():
+        return None, bad
+    for path in sorted([*folder.glob("last.ckpt"), *folder.glob("rollout*.ckpt")]):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            found.append((int(ckpt["global_step"]), int(ckpt["prunerl"]["frames"]), path))
+            del ckpt
+        except Exception as e:  # noqa: BLE001 — any unreadable file is passed over, and said
+            bad.append((path, f"{type(e).__name__}: {str(e)[:80]}"))
+    if not found:
+        return None, bad
+    step, _, path = max(found, key=lambda f: (f[0], f[2].name == "last.ckpt"))
+    return (path, step), bad
 
 
 def _jsonable(x):

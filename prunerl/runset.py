@@ -206,7 +206,10 @@ def read_runs(root: str | Path) -> RunSet:
             else:
                 if summary.get("status") == "interrupted":
                     why = (f"interrupted by {summary.get('interrupted_by')} at {summary.get('frames')} frames "
-                           f"(resume it: python -m prunerl fit resume={summary.get('resume')})")
+                           f"(resume it: python -m prunerl fit resume=auto hydra.run.dir={run_dir} [its overrides], "
+                           f"or resume={summary.get('resume')})")
+                elif summary.get("status") == "diverged":
+                    why = f"diverged: {summary.get('error')} (last good checkpoint: {summary.get('last_good_checkpoint')})"
                 elif summary.get("clean_return") is None:
                     why = "summary.json has no clean_return (evaluation did not run)"
         candidates.append((run_dir, cfg, summary, why))

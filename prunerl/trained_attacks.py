@@ -31,6 +31,8 @@ from prunerl.envs import RunningNormalizer
 from prunerl.evaluation import collect_transitions
 from prunerl.fit import fit
 from prunerl.models import GaussianActor
+from prunerl.preemption import Interrupted
+from prunerl.rundir import read_summary
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: bumped when a cached model's training changes meaning (2: Sarsa's target uses the next action
@@ -110,6 +112,16 @@ def adversary_config(victim_path: Path, eps: float, settings, seed: int) -> Dict
     return cfg
 
 
+def _finished(run_dir: Path) -> bool:
+    """A cached adversary is one whose training finished (not one cut by a preemption)."""
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return False
+    try:
+        return read_summary(run_dir).get("status", "finished") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
 def learned_adversaries(victim_path: Path, actor: GaussianActor, task: str, eps: float, settings,
                         log=print) -> list[tuple[int, GaussianActor, RunningNormalizer]]:
     """The learned adversaries for this victim (and ε), one per seed of ``settings.optimal.seeds``,
@@ -122,11 +134,14 @@ def learned_adversaries(victim_path: Path, actor: GaussianActor, task: str, eps:
         key = cache_key(actor, config=OmegaConf.to_container(cfg, resolve=True))
         run_dir = Path(victim_path).with_suffix(f".adversary-{key}")
         last = run_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            cfg.victim, cfg.run_dir = str(Path(victim_path).resolve()), str(run_dir)
+        if not _finished(run_dir):
+            # resume=auto: an adversary whose training was cut (preemption, crash) continues in place
+            cfg.victim, cfg.run_dir, cfg.resume = str(Path(victim_path).resolve()), str(run_dir), "auto"
             log(f"training the optimal adversary (seed {seed}) for {cfg.total_frames} frames  ->  {run_dir.name}/")
             with torch.random.fork_rng(devices=[]):
-                fit(cfg)
+                s = fit(cfg)
+            if s.get("status") != "finished":   # its own preemption handler caught the signal
+                raise Interrupted(s.get("interrupted_by") or str(s.get("status")))
         adv, adv_norm_state, _ = actor_from_checkpoint(load_checkpoint(last))
         device = next(actor.parameters()).device
         out.append((int(seed), adv.to(device).eval(), frozen_normalizer(adv_norm_state).to(device)))

@@ -22,38 +22,71 @@ OVER = ("total_frames=4096", "algo.kappa=0.3", "checkpoint.every_n_rollouts=null
 
 
 class SignalAt(L.Callback):
-    """Sends this process ``signum`` at a chosen moment of a chosen rollout: while collecting it
-    (its first update, the earliest point after collection), mid-update, or at its last update."""
+    """Sends this process ``signum`` at a chosen moment of a chosen rollout: as its collection
+    starts, at an update (the first is the earliest point after collection), while the periodic
+    evaluation runs, or while a checkpoint is being written (``rollout=-1``: at the first such moment)."""
 
-    def __init__(self, signum: int, rollout: int, update: int):
-        self.signum, self.rollout, self.update, self.sent = signum, rollout, update, False
+    def __init__(self, signum: int, rollout: int, update: int = 0, moment: str = "update"):
+        self.signum, self.rollout, self.update, self.moment, self.sent = signum, rollout, update, moment, False
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if not self.sent and trainer.current_epoch == self.rollout and batch_idx == self.update:
+    def _send(self, trainer, moment: str) -> None:
+        if not self.sent and moment == self.moment and self.rollout in (trainer.current_epoch, -1):
             self.sent = True
             os.kill(os.getpid(), self.signum)
 
+    def on_train_start(self, trainer, pl_module):
+        if self.moment == "evaluation":   # inside the evaluation callback's evaluate()
+            ev = next(c for c in trainer.callbacks if type(c).__name__ == "AdversarialEvaluation")
+            inner = ev.evaluate
 
-@pytest.mark.parametrize("signum, rollout, update", [
-    (signal.SIGTERM, 1, 0), (signal.SIGUSR1, 1, 7), (signal.SIGINT, 2, 15),
-])
+            def evaluate(trainer, pl_module):
+                self._send(trainer, "evaluation")
+                return inner(trainer, pl_module)
+            ev.evaluate = evaluate
+
+    def on_train_epoch_start(self, trainer, pl_module):   # the rollout is collected right after
+        self._send(trainer, "collection")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.update:
+            self._send(trainer, "update")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):   # while the checkpoint is assembled
+        self._send(trainer, "checkpoint")
+
+
+# (signal, rollout, update, moment, extra overrides, rollouts the cut run completes)
+MOMENTS = [
+    (signal.SIGTERM, 1, 0, "update", (), 2), (signal.SIGUSR1, 1, 7, "update", (), 2),
+    (signal.SIGINT, 2, 15, "update", (), 3),
+    (signal.SIGTERM, 1, 0, "collection", (), 2),
+    (signal.SIGUSR1, 1, 0, "evaluation", ("evaluation.every_frames=1024",), 2),
+    # the periodic checkpoint is written after the rollout's stop check: the next rollout finishes first
+    (signal.SIGTERM, 0, 0, "checkpoint", ("checkpoint.every_n_rollouts=1",), 2),
+]
+
+
+@pytest.mark.parametrize("signum, rollout, update, moment, extra, done", MOMENTS,
+                         ids=[f"{signal.Signals(m[0]).name}-{m[3]}-r{m[1]}u{m[2]}" for m in MOMENTS])
 def test_a_signal_checkpoints_and_the_resumed_run_ends_like_the_uninterrupted_one(small_cfg, tmp_path, signum,
-                                                                                   rollout, update):
+                                                                                   rollout, update, moment, extra,
+                                                                                   done):
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    whole = fit(small_cfg(*OVER, run_dir=tmp_path / "whole"))
+    over = (*OVER, "evaluation.attacks=[random]", "evaluation.episodes=2", *extra)
+    whole = fit(small_cfg(*over, run_dir=tmp_path / "whole"))
     assert whole["status"] == "finished"
 
-    cfg = small_cfg(*OVER, f"+callbacks.signal._target_={__name__}.SignalAt", f"+callbacks.signal.signum={int(signum)}",
+    cfg = small_cfg(*over, f"+callbacks.signal._target_={__name__}.SignalAt", f"+callbacks.signal.signum={int(signum)}",
                     f"+callbacks.signal.rollout={rollout}", f"+callbacks.signal.update={update}",
-                    run_dir=tmp_path / "cut")
+                    f"+callbacks.signal.moment={moment}", run_dir=tmp_path / "cut")
     cut = fit(cfg)
     # the rollout in progress was finished (its 16 updates), then the run stopped
     assert cut["status"] == "interrupted" and cut["interrupted_by"] == signal.Signals(signum).name
-    assert cut["frames"] == 1024 * (rollout + 1) < 4096 and cut["updates"] == 16 * (rollout + 1)
+    assert cut["frames"] == 1024 * done < 4096 and cut["updates"] == 16 * done
     assert cut["clean_return"] is None and read_summary(tmp_path / "cut")["status"] == "interrupted"
     assert {s: signal.getsignal(s) for s in before} == before   # the handlers from before the run, restored
 
-    resumed = fit(small_cfg(*OVER, f"resume={cut['resume']}", run_dir=tmp_path / "resumed"))
+    resumed = fit(small_cfg(*over, f"resume={cut['resume']}", run_dir=tmp_path / "resumed"))
     assert resumed["status"] == "finished" and resumed["frames"] == 4096
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -61,6 +94,13 @@ def test_a_signal_checkpoints_and_the_resumed_run_ends_like_the_uninterrupted_on
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
     assert resumed["clean_return"] == whole["clean_return"]
+
+
+def test_a_signal_during_the_end_of_run_evaluation_lets_it_finish_and_the_run_counts_as_finished(small_cfg, tmp_path):
+    s = fit(small_cfg(*OVER, "evaluation.attacks=[random]", "evaluation.episodes=2",
+                      f"+callbacks.signal._target_={__name__}.SignalAt", f"+callbacks.signal.signum={int(signal.SIGTERM)}",
+                      "+callbacks.signal.rollout=-1", "+callbacks.signal.moment=evaluation", run_dir=tmp_path / "run"))
+    assert s["status"] == "finished" and s["signal_received"] == "SIGTERM" and s["clean_return"] is not None
 
 
 def test_the_cli_exits_75_with_a_resume_line_and_the_report_names_the_interrupted_run(tmp_path):

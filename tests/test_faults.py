@@ -1,0 +1,234 @@
+"""Faults lose nothing: divergence stops at the update with the term named, resume=auto continues a
+cut or crashed run in place, time-based checkpoints, the write probe, W&B without a network, the
+SLURM requeue."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from prunerl.config import ConfigError
+from prunerl.fit import fit
+from prunerl.rundir import read_metrics, read_summary
+
+REPO = Path(__file__).resolve().parents[1]
+OVER = ("total_frames=4096", "algo.kappa=0.3", "checkpoint.every_n_rollouts=null", "evaluation.attacks=[random]",
+        "evaluation.episodes=2")
+
+
+class InjectNaN(L.Callback):
+    """Writes a NaN at update ``update`` into ``where``: a weight (before the update's forward pass),
+    or the observation normaliser's mean (before a rollout is collected, or at a rollout's end)."""
+
+    def __init__(self, where: str, update: int):
+        self.where, self.update, self.done = where, update, False
+
+    def _due(self, trainer) -> bool:
+        return not self.done and trainer.global_step >= self.update
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.where == "weight" and self._due(trainer):
+            self.done = True
+            with torch.no_grad():
+                pl_module.actor.mean_net[2].weight[0, 0] = float("nan")
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self.where == "normalizer_before_rollout" and self._due(trainer):
+            self.done = True
+            trainer.datamodule.normalizer.obs_mean[1] = float("inf")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.where == "normalizer_at_rollout_end" and self._due(trainer):
+            self.done = True
+            trainer.datamodule.normalizer.obs_var[0] = float("nan")
+
+
+def _nan_cfg(small_cfg, where, update, run_dir, *extra):
+    return small_cfg(*OVER, *extra, f"+callbacks.nan._target_={__name__}.InjectNaN", f"+callbacks.nan.where={where}",
+                     f"+callbacks.nan.update={update}", run_dir=run_dir)
+
+
+@pytest.mark.parametrize("where, update, term, at", [
+    ("weight", 21, "parameter actor.mean_net.2.weight", 21),            # mid-rollout 2 (16 updates a rollout)
+    ("normalizer_before_rollout", 32, "observation normaliser statistic obs_mean", 32),  # at rollout 3's collection
+    ("normalizer_at_rollout_end", 17, "observation normaliser statistic obs_var", 32),   # end of rollout 2
+])
+def test_a_nan_stops_the_run_at_that_update_naming_the_term_and_keeps_a_good_checkpoint(small_cfg, tmp_path, where,
+                                                                                       update, term, at):
+    run = tmp_path / "run"
+    s = fit(_nan_cfg(small_cfg, where, update, run, "checkpoint.every_n_rollouts=1"))
+    assert s["status"] == "diverged" and s["diverged_at_update"] == at and s["diverged_term"] == term, s
+    assert s["error"] == f"training diverged at update t={at}: {term} is not finite (NaN or Inf)"
+    assert read_summary(run)["status"] == "diverged" and s["clean_return"] is None
+    # the last good checkpoint: the newest on disk, whole and finite, from before the NaN
+    good = torch.load(s["last_good_checkpoint"], weights_only=False)
+    assert good["global_step"] == (16 if at < 32 or where == "normalizer_at_rollout_end" else 32)
+    assert all(torch.isfinite(v).all() for v in good["state_dict"].values())
+    norm = good["RolloutDataModule"]["normalizer"]
+    assert all(torch.isfinite(v).all() for v in norm.values())
+    assert not [p for p in (run / "checkpoints").glob("*.ckpt")
+                if torch.load(p, weights_only=False)["global_step"] > good["global_step"]]
+    # no metrics row past the divergence
+    assert max(r["step"] for r in read_metrics(run)) < at + 16
+
+
+def test_the_cli_exits_3_with_one_line_and_a_sweep_treats_a_diverged_run_as_done(small_cfg, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "prunerl", "fit", "env=inverted_pendulum", "env.num_envs=8", "total_frames=4096",
+            "algo.frames_per_batch=1024", "algo.minibatches=8", "algo.epochs=2", "algo.model.hidden=[64,64]",
+            "logger=none", "callbacks.progress=null", "evaluation.attacks=[random]", "evaluation.episodes=2",
+            f"+callbacks.nan._target_={__name__}.InjectNaN", "+callbacks.nan.where=weight", "+callbacks.nan.update=5",
+            f"hydra.run.dir={run}"]
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"})
+    assert r.returncode == 3, r.stdout + r.stderr
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert err == ["error: training diverged at update t=5: parameter actor.mean_net.2.weight is not finite "
+                   "(NaN or Inf) — the run stopped there; summary.json says \"diverged\"; last good checkpoint: "
+                   "none (it diverged before the first)"], r.stderr
+    assert "Traceback" not in r.stderr
+    # a sweep (skip_finished / resume=auto) does not retrain it: it would diverge again the same way
+    again = fit(_nan_cfg(small_cfg, "weight", 5, run, "resume=auto"))
+    assert again.get("skipped") and again["status"] == "diverged"
+
+
+class SignalAt(L.Callback):
+    def __init__(self, update: int):
+        self.update, self.sent = update, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.sent and trainer.global_step == self.update:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _same_weights(a_path, b_path):
+    a, b = (torch.load(p, weights_only=False) for p in (a_path, b_path))
+    assert a["global_step"] == b["global_step"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_resume_auto_continues_a_preempted_run_in_place_and_ends_like_the_uninterrupted_one(small_cfg, tmp_path):
+    whole = fit(small_cfg(*OVER, run_dir=tmp_path / "whole"))
+    run = tmp_path / "run"
+    sig = (f"+callbacks.sig._target_={__name__}.SignalAt", "+callbacks.sig.update=20")  # part of the run's config
+    cut = fit(small_cfg(*OVER, *sig, run_dir=run))
+    assert cut["status"] == "interrupted" and cut["frames"] == 2048
+    resumed = fit(small_cfg(*OVER, *sig, "resume=auto", run_dir=run))
+    assert resumed["status"] == "finished" and resumed["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    _same_weights(tmp_path / "whole" / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    assert resumed["clean_return"] == whole["clean_return"]
+    # one metrics row per rollout, as in the uninterrupted run (none repeated)
+    steps = [r["step"] for r in read_metrics(run) if "train/update" in r]
+    assert steps == [r["step"] for r in read_metrics(tmp_path / "whole") if "train/update" in r]
+    # resume=auto on the finished run: skipped, nothing rewritten
+    before = (run / "summary.json").read_text()
+    assert fit(small_cfg(*OVER, *sig, "resume=auto", run_dir=run)).get("skipped")
+    assert (run / "summary.json").read_text() == before
+    # resume=auto with another config is refused, naming the difference
+    with pytest.raises(ConfigError, match="holds a finished run of another config .*seed: 0 there, 1 now"):
+        fit(small_cfg(*OVER, *sig, "resume=auto", "seed=1", run_dir=run))
+
+
+def test_kill_9_mid_run_loses_only_the_work_since_the_timed_checkpoint(small_cfg, tmp_path):
+    """A crash (SIGKILL: no handler runs) with checkpoint.every_minutes: resume=auto continues from the
+    newest timed checkpoint, drops the metrics rows after it, and ends with the uninterrupted weights."""
+    over = ("env=inverted_pendulum", "env.num_envs=8", "total_frames=10240", "algo.frames_per_batch=1024",
+            "algo.minibatches=8", "algo.epochs=2", "algo.model.hidden=[64,64]", "logger=none",
+            "callbacks.progress=null", "evaluation.attacks=[random]", "evaluation.episodes=2",
+            "checkpoint.every_n_rollouts=null", "checkpoint.every_minutes=0.0001")
+    whole = fit(small_cfg(*over[8:], *over[:8], run_dir=tmp_path / "whole"))
+    run = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-m", "prunerl", "fit", *over, f"hydra.run.dir={run}"], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not ((run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 4):   # 4 rollouts done
+        assert child.poll() is None and time.time() - t0 < 120
+        time.sleep(0.05)
+    child.kill()
+    child.wait()
+    assert not (run / "summary.json").exists()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 4 * 16 <= ckpt["global_step"] < 10 * 16
+    resumed = fit(small_cfg(*over[8:], *over[:8], "resume=auto", run_dir=run))
+    assert resumed["status"] == "finished" and resumed["frames"] == 10240
+    _same_weights(tmp_path / "whole" / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    steps = [r["step"] for r in read_metrics(run) if "train/update" in r]
+    assert steps == sorted(set(steps)) == [16 * k for k in range(1, 11)]
+    assert resumed["clean_return"] == whole["clean_return"]
+
+
+def test_a_run_without_a_good_checkpoint_is_moved_aside_not_lost(small_cfg, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"torn")
+    fit(small_cfg(*OVER, "total_frames=1024", run_dir=tmp_path / "ref"))
+    (run / "config.yaml").write_text((tmp_path / "ref" / "config.yaml").read_text().replace(
+        str(tmp_path / "ref"), str(run)))
+    s = fit(small_cfg(*OVER, "total_frames=1024", "resume=auto", run_dir=run))
+    assert s["status"] == "finished" and s["resumed_from"] is None
+    assert (tmp_path / "run.partial-0" / "checkpoints" / "last.ckpt").read_bytes() == b"torn"
+
+
+def test_the_write_probe_refuses_an_unwritable_or_full_run_dir_before_anything_is_written(small_cfg, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=f"hydra.run.dir={blocker}/run cannot be created: {blocker} is a file"):
+        fit(small_cfg(run_dir=blocker / "run"))
+    with pytest.raises(ConfigError, match=r"has [\d,]+ MiB free, less than checkpoint.min_free_mb=1e\+12"):
+        fit(small_cfg("checkpoint.min_free_mb=1e12", run_dir=tmp_path / "new" / "run"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]   # no directory left behind
+    ro = Path("/proc/self/prunerl-run")   # a filesystem nobody can create files in
+    with pytest.raises(ConfigError, match="is not writable|cannot be created"):
+        fit(small_cfg(run_dir=ro))
+
+
+def test_wandb_online_without_a_network_falls_back_to_offline(small_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")   # nothing listens there
+    t0 = time.time()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = fit(small_cfg(*OVER, "total_frames=1024", "logger=wandb", run_dir=tmp_path / "run"))
+    assert s["status"] == "finished" and time.time() - t0 < 120
+    assert any("W&B: cannot reach http://127.0.0.1:9" in str(w.message) for w in caught)
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_a_preempted_slurm_job_is_requeued_and_its_requeued_run_resumes(tmp_path):
+    """SLURM itself is not here: a stand-in `scontrol` on PATH records the call fit makes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "prunerl", "fit", "env=inverted_pendulum", "env.num_envs=8", "total_frames=20480",
+            "algo.frames_per_batch=1024", "algo.minibatches=8", "algo.epochs=2", "algo.model.hidden=[64,64]",
+            "logger=none", "callbacks.progress=null", "evaluation.attacks=[random]", "evaluation.episodes=2",
+            "resume=auto", f"hydra.run.dir={run}"]
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    child = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    t0 = time.time()
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
+        assert child.poll() is None and time.time() - t0 < 120
+        time.sleep(0.05)
+    child.send_signal(signal.SIGUSR1)
+    out, _ = child.communicate(timeout=120)
+    assert child.returncode == 75, out
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n" and "requeued SLURM job 4242" in out
+    # the requeued job runs the same command again: it continues the run in place and finishes
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "resume=auto: continuing" in r.stdout, r.stdout + r.stderr
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "finished" and s["frames"] == 20480
