@@ -7,6 +7,8 @@ exits with status 2 before anything is written.
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from prunerl.config import ConfigError
+from prunerl.preemption import Interrupted
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -87,6 +90,12 @@ def _run(command: str, cfg: DictConfig):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:   # evaluate: a learned adversary's training was preempted (it resumes)
+        from prunerl.preemption import EXIT_INTERRUPTED
+
+        print(f"interrupted by {e}; run the same command again to continue (finished attack models are cached)",
+              file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _multirun() -> bool:
@@ -128,6 +137,92 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command {command!r}; allowed: {list(COMMANDS)}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     config_name = COMMANDS[command][0]
+    for arg in rest:   # Hydra creates the run dir before any check of ours: refuse a bad one first
+        if arg.startswith("hydra.run.dir="):
+            why = _uncreatable(arg.split("=", 1)[1])
+            if why:
+                print(f"error: {arg} cannot be used: {why}; choose a directory this user can create", file=sys.stderr)
+                sys.exit(2)
     sys.argv = [f"prunerl {command}", *rest]
-    hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(
-        lambda cfg: _run(command, cfg))()
+    # Hydra reports a bad command line (unknown key, unknown group option, unparsable override) in
+    # several lines and exits 1; hold its stderr until the command starts, and say it in one line.
+    real_stderr, held = sys.stderr, io.StringIO()
+    started = False
+
+    def task(cfg):
+        nonlocal started
+        if not started:
+            started, sys.stderr = True, real_stderr
+            real_stderr.write(held.getvalue())
+        return _run(command, cfg)
+
+    sys.stderr = held
+    try:
+        hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(task)()
+    except SystemExit as e:
+        if not started and e.code not in (0, None):
+            sys.stderr, started = real_stderr, True
+            text = held.getvalue()
+            bad = _unparsable(rest) if "override" in text and ": error: " not in text else None
+            print(f"error: {bad or hydra_error_line(text)}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    finally:
+        if not started:   # e.g. --help, --cfg job: nothing failed, pass on what was said
+            sys.stderr = real_stderr
+            real_stderr.write(held.getvalue())
+
+
+def _unparsable(overrides: list[str]) -> str | None:
+    """The first override Hydra's grammar cannot parse, named, with the parser's complaint."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for o in overrides:
+        if o.startswith("-"):
+            continue
+        try:
+            parser.parse_overrides([o])
+        except Exception as e:  # noqa: BLE001 — Hydra's OverrideParseException and kin
+            why = str(e).splitlines()[0].rstrip(".")
+            return (f"{o!r} is not a valid override ({why}); write KEY=VALUE, quoting values with "
+                    "special characters (https://hydra.cc/docs/advanced/override_grammar/basic)")
+    return None
+
+
+def _uncreatable(path: str) -> str | None:
+    """Why directory ``path`` could not be created by this user (None: it can, or it exists)."""
+    p = Path(path).expanduser()   # as written, so the message names what the user wrote
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a directory"
+    if not os.access(p, os.W_OK) or Path("/proc") in (p.absolute(), *p.absolute().parents):
+        return f"{p} does not allow creating directories"
+    return None
+
+
+def hydra_error_line(text: str) -> str:
+    """Hydra's multi-line report of a bad command line as one line: the message, the allowed
+    options when it lists them, without the search path and the HYDRA_FULL_ERROR hint."""
+    argparse_error = [line.split(": error: ", 1)[1] for line in text.splitlines() if ": error: " in line]
+    if argparse_error:
+        return argparse_error[-1]
+    parts, options = [], []
+    lines = iter(text.splitlines())
+    for line in lines:
+        s = line.strip()
+        if not s or s.startswith(("Set the environment variable HYDRA_FULL_ERROR", "full_key:", "object_type=",
+                                  "reference_type=", "Traceback")):
+            continue
+        if s.startswith("Config search path"):
+            break
+        if s.startswith("Available options"):
+            label = s.rstrip(":")
+            options = [o.strip() for o in lines if o.startswith(("\t", "    ")) and o.strip()
+                       and not o.strip().startswith("provider=")]
+            parts.append(f"{label.lower()}: {', '.join(o for o in options if not o.startswith('Config search'))}")
+            break
+        if s.rstrip(".") not in parts:
+            parts.append(s.rstrip("."))
+    return "; ".join(parts) if parts else "the command line was not understood (see --help)"

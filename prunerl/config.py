@@ -38,9 +38,60 @@ def _number(value, positive: bool = False) -> bool:
     return ok and (value > 0 if positive else True)
 
 
+# (key, lowest, lowest allowed?, highest, highest allowed?) — every number fit reads, with its range
+NUMBERS = (
+    ("algo.lr", 0, False, None, None),
+    ("algo.adam_eps", 0, False, None, None), ("algo.gamma", 0, False, 1, True),
+    ("algo.gae_lambda", 0, True, 1, True), ("algo.clip", 0, False, None, None),
+    ("algo.vf_coef", 0, True, None, None), ("algo.ent_coef", 0, True, None, None),
+    ("algo.max_grad_norm", 0, False, None, None), ("algo.model.sigma", 0, False, None, None),
+    ("env.clip_obs", 0, False, None, None),
+)
+
+
+def _select(cfg: DictConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if node is not None else None
+    return node
+
+
+def _range_text(lo, lo_in, hi, hi_in) -> str:
+    left = f">= {lo}" if lo_in else f"> {lo}"
+    if hi is None:
+        return f"a number {left}"
+    return f"a number in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
+def validate_numbers(cfg: DictConfig) -> None:
+    """Types and ranges of the numeric keys (a string where a number belongs is named, not a TypeError)."""
+    for key, lo, lo_in, hi, hi_in in NUMBERS:
+        v = _select(cfg, key)
+        if v is None and key not in ("algo.lr", "algo.gamma"):
+            continue
+        ok = _number(v) and (v >= lo if lo_in else v > lo) and (hi is None or (v <= hi if hi_in else v < hi))
+        if not ok:
+            raise ConfigError(f"{key}={v!r} is not allowed; allowed: {_range_text(lo, lo_in, hi, hi_in)}")
+    for key in ("algo.kappa", "env.eps", "algo.sa.eps"):   # their sign has its own message below
+        v = _select(cfg, key)
+        if not (_number(v) or (v is None and key != "algo.kappa")):
+            raise ConfigError(f"{key}={v!r} is not allowed; allowed: a number >= 0"
+                              + (" (null: the task's ε)" if key == "algo.sa.eps" else ""))
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed!r} must be an integer >= 0")
+    hidden = cfg.algo.model.hidden
+    if not isinstance(hidden, (list, ListConfig)) or not hidden or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+        raise ConfigError(f"algo.model.hidden={hidden!r} must be a non-empty list of positive integers (layer widths), "
+                          "e.g. [256,256]")
+    if not isinstance(cfg.algo.model.learn_std, bool):
+        raise ConfigError(f"algo.model.learn_std={cfg.algo.model.learn_std!r} must be true or false")
+
+
 def validate_fit(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first bad value in a ``fit`` config."""
     env, algo = cfg.env, cfg.algo
+    validate_numbers(cfg)
     if env.name not in TASKS:
         raise ConfigError(f"env={env.name!r} is not a known task; allowed: {sorted(TASKS)}")
     if env.id != TASKS[env.name].env_id:

@@ -110,3 +110,76 @@ def test_cli_evaluate_missing_and_corrupt_checkpoint(tmp_path):
 def test_cli_unknown_command():
     r = cli("train")
     assert r.returncode == 2 and "unknown command 'train'" in r.stderr and "fit" in r.stderr
+
+
+# -- the README's table of bad inputs, each row run as written -----------------------------------
+def _readme_rows():
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- bad-input-table")[1].split("<!-- /bad-input-table -->")[0]
+    rows = []
+    for line in table.splitlines()[3:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3:
+            continue
+        command, args, message = cells
+        args = [] if args.startswith("(no") or not args else args.strip("`").split()
+        rows.append((command, args, message.strip("`")))
+    return rows
+
+
+ROWS = _readme_rows()
+
+
+@pytest.fixture(scope="module")
+def bad_input_files(tmp_path_factory):
+    """The real files the table's capitalised names stand for, in a folder the rows run in."""
+    from tests.conftest import SMALL, compose_cfg
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    runs = root / "A_RUNS_DIR"
+    fit(compose_cfg(runs / "run0", *SMALL, "total_frames=1024", "evaluation.attacks=[random]",
+                    "evaluation.episodes=2"))
+    (root / "PENDULUM.ckpt").write_bytes((runs / "run0" / "checkpoints" / "last.ckpt").read_bytes())
+    import shutil
+
+    shutil.copytree(runs / "run0", root / "A_RUN")
+    (root / "TRUNCATED.ckpt").write_bytes((root / "PENDULUM.ckpt").read_bytes()[:5000])
+    torch.save({"state_dict": {}}, root / "NOT_PRUNERL.ckpt")
+    torch.save({"prunerl": {"config": {"env": {"name": "hopper"}}}, "state_dict": {},
+                "optimizer_states": [{"state": {}, "param_groups": [{"params": list(range(13))}]}]},
+               root / "OLD_FORMAT.ckpt")
+    (root / "A_FILE").write_text("not a folder")
+    (root / "EMPTY_DIR").mkdir()
+    return root
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("command, args, message", ROWS, ids=[f"{c} {' '.join(a)}" for c, a, _ in ROWS])
+def test_every_row_of_the_readme_table(bad_input_files, monkeypatch, capsys, command, args, message):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from prunerl.cli import main
+
+    assert len(ROWS) >= 25
+    monkeypatch.chdir(bad_input_files)
+    before = _tree(bad_input_files)
+    argv = [command, *args]
+    if command == "fit" and not any(a.startswith("hydra.run.dir=") for a in args):
+        argv.append("hydra.run.dir=RUN_OUT")
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+    # nothing written: only the empty run dir Hydra makes before any check may appear
+    out = bad_input_files / "RUN_OUT"
+    if out.exists():
+        assert not any(out.iterdir())
+        out.rmdir()
+    assert _tree(bad_input_files) == before

@@ -139,13 +139,13 @@ def test_resume_auto_continues_a_preempted_run_in_place_and_ends_like_the_uninte
         fit(small_cfg(*OVER, *sig, "resume=auto", "seed=1", run_dir=run))
 
 
-def test_kill_9_mid_run_loses_only_the_work_since_the_timed_checkpoint(small_cfg, tmp_path):
-    """A crash (SIGKILL: no handler runs) with checkpoint.every_minutes: resume=auto continues from the
-    newest timed checkpoint, drops the metrics rows after it, and ends with the uninterrupted weights."""
+def test_kill_9_mid_run_loses_only_the_work_since_the_newest_checkpoint(small_cfg, tmp_path):
+    """A crash (SIGKILL: no handler runs): resume=auto continues from the newest checkpoint, drops the
+    metrics rows logged after it, and ends with the uninterrupted run's weights."""
     over = ("env=inverted_pendulum", "env.num_envs=8", "total_frames=10240", "algo.frames_per_batch=1024",
             "algo.minibatches=8", "algo.epochs=2", "algo.model.hidden=[64,64]", "logger=none",
             "callbacks.progress=null", "evaluation.attacks=[random]", "evaluation.episodes=2",
-            "checkpoint.every_n_rollouts=null", "checkpoint.every_minutes=0.0001")
+            "checkpoint.every_n_rollouts=3", "checkpoint.every_minutes=null")
     whole = fit(small_cfg(*over[8:], *over[:8], run_dir=tmp_path / "whole"))
     run = tmp_path / "run"
     child = subprocess.Popen([sys.executable, "-m", "prunerl", "fit", *over, f"hydra.run.dir={run}"], cwd=REPO,
@@ -158,13 +158,47 @@ def test_kill_9_mid_run_loses_only_the_work_since_the_timed_checkpoint(small_cfg
     child.wait()
     assert not (run / "summary.json").exists()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert 4 * 16 <= ckpt["global_step"] < 10 * 16
+    assert ckpt["global_step"] in (48, 96, 144)
+    lost = [r["step"] for r in read_metrics(run) if r["step"] > ckpt["global_step"]]
+    assert lost   # rows of work the crash lost (the resumed run trains it again)
     resumed = fit(small_cfg(*over[8:], *over[:8], "resume=auto", run_dir=run))
     assert resumed["status"] == "finished" and resumed["frames"] == 10240
     _same_weights(tmp_path / "whole" / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
     steps = [r["step"] for r in read_metrics(run) if "train/update" in r]
-    assert steps == sorted(set(steps)) == [16 * k for k in range(1, 11)]
+    assert steps == [16 * k for k in range(1, 11)]
     assert resumed["clean_return"] == whole["clean_return"]
+
+
+class CheckpointSeen(L.Callback):
+    """Records, as each rollout starts, the update count of the last.ckpt on disk (into ``out``)."""
+
+    def __init__(self, out: str):
+        self.out, self.seen = Path(out), []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        p = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        self.seen.append(torch.load(p, weights_only=False)["global_step"] if p.is_file() else None)
+        self.out.write_text(json.dumps(self.seen))
+
+
+@pytest.mark.parametrize("minutes, seen", [("0.000001", [None, 16, 32, 48]), ("null", [None, None, None, None])])
+def test_every_minutes_rewrites_last_ckpt_at_rollout_ends(small_cfg, tmp_path, minutes, seen):
+    out = tmp_path / "seen.json"
+    fit(small_cfg(*OVER, f"checkpoint.every_minutes={minutes}", f"+callbacks.seen._target_={__name__}.CheckpointSeen",
+                  f"+callbacks.seen.out={out}"))
+    assert json.loads(out.read_text()) == seen
+
+
+def test_a_run_killed_during_its_end_of_run_evaluation_resumes_and_only_evaluates(small_cfg, tmp_path):
+    run = tmp_path / "run"
+    whole = fit(small_cfg(*OVER, run_dir=run))
+    (run / "summary.json").unlink()   # as if killed during the end-of-run evaluation (last.ckpt is written before it)
+    again = fit(small_cfg(*OVER, "resume=auto", run_dir=run))
+    assert again["status"] == "finished" and again["updates"] == whole["updates"]
+    assert again["clean_return"] == whole["clean_return"] and again["wall_time_s"] < whole["wall_time_s"]
+    # resume=PATH from a finished run's last checkpoint: evaluated too (Lightning trains nothing)
+    other = fit(small_cfg(*OVER, f"resume={run / 'checkpoints' / 'last.ckpt'}", run_dir=tmp_path / "other"))
+    assert other["clean_return"] == whole["clean_return"]
 
 
 def test_a_run_without_a_good_checkpoint_is_moved_aside_not_lost(small_cfg, tmp_path):

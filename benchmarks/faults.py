@@ -1,0 +1,127 @@
+"""The fault matrix: what each fault costs a real `fit` (frames lost, seconds to stop, seconds to resume).
+
+Runs ``python -m prunerl fit`` as a user would (Hopper, the default recipe unless overridden), injects
+each fault into a fresh run dir, continues it with ``resume=auto`` and records:
+
+- ``stop_s``: from the fault to the process's exit;
+- ``frames_lost``: frames trained before the fault minus the frames of the checkpoint it resumed from;
+- ``resume_to_first_update_s``: from the resume command's start to its first new metrics row's
+  rollout being done (process start, imports, env and checkpoint load, one rollout);
+- ``first_rollout_s`` of an uninterrupted start, for scale.
+
+    python -m benchmarks.faults [--frames 40960] [--out benchmarks/results/faults.json]
+
+Not a speed target: a table of costs. Say what else ran on the machine when you quote it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from prunerl import atomic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return [r for r in out if "train/frames" in r]
+
+
+def _start(run: Path, over: list[str]) -> tuple[subprocess.Popen, float]:
+    cmd = [sys.executable, "-m", "prunerl", "fit", f"hydra.run.dir={run}", "callbacks.progress=null",
+           "logger=none", "resume=auto", *over]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), time.monotonic()
+
+
+def _wait_rows(child, run: Path, n: int, timeout: float = 900) -> float:
+    t0 = time.monotonic()
+    while len(_rows(run)) < n:
+        if child.poll() is not None:
+            raise RuntimeError(f"fit exited ({child.returncode}) before {n} rollouts in {run}")
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(run)
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def _ckpt_frames(run: Path) -> int | None:
+    import torch
+
+    p = run / "checkpoints" / "last.ckpt"
+    return torch.load(p, map_location="cpu", weights_only=False)["prunerl"]["frames"] if p.is_file() else None
+
+
+def one(fault: str, root: Path, over: list[str], after_rollouts: int) -> dict:
+    run = root / fault
+    child, t_start = _start(run, over)
+    _wait_rows(child, run, after_rollouts)
+    frames_at_fault = _rows(run)[-1]["train/frames"]
+    t_fault = time.monotonic()
+    if fault == "kill9":
+        child.kill()
+    else:
+        child.send_signal({"sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1}[fault])
+    code = child.wait()
+    stop_s = time.monotonic() - t_fault
+    resumed_from = _ckpt_frames(run) or 0
+    rows_before = len([r for r in _rows(run) if r["train/frames"] <= resumed_from])
+    child, t0 = _start(run, over)
+    t_first = _wait_rows(child, run, rows_before + 1)
+    child.kill()
+    child.wait()
+    return {"fault": fault, "exit_code": code, "frames_at_fault": frames_at_fault,
+            "checkpoint_frames": resumed_from, "frames_lost": frames_at_fault - resumed_from,
+            "stop_s": round(stop_s, 2), "resume_to_first_update_s": round(t_first - t0, 2),
+            "first_rollout_of_a_fresh_start_s": None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--after", type=int, default=6, help="rollouts trained before the fault")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "faults.json"))
+    ap.add_argument("overrides", nargs="*", default=[], help="fit overrides (default: the default config)")
+    args = ap.parse_args()
+    over = ["total_frames=409600", "checkpoint.every_n_rollouts=null", "checkpoint.every_minutes=0.25",
+            *args.overrides]
+    root = Path(tempfile.mkdtemp(prefix="prunerl-faults-"))
+    try:
+        fresh = root / "fresh"
+        child, t0 = _start(fresh, over)
+        t1 = _wait_rows(child, fresh, 1)
+        child.kill()
+        child.wait()
+        rows = []
+        for fault in ("sigterm", "sigusr1", "kill9"):
+            r = one(fault, root, over, args.after)
+            r["first_rollout_of_a_fresh_start_s"] = round(t1 - t0, 2)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result = {"overrides": over, "cpu_count": os.cpu_count(), "rows": rows,
+              "note": "stop_s includes finishing the rollout in progress (signals) — 0 for kill -9; "
+                      "frames_lost is what the resumed run trains again"}
+    atomic.write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
