@@ -4,7 +4,9 @@ Runs ``python -m prunerl fit`` as a user would (Hopper, the default recipe unles
 each fault into a fresh run dir, continues it with ``resume=auto`` and records:
 
 - ``stop_s``: from the fault to the process's exit;
-- ``frames_lost``: frames trained before the fault minus the frames of the checkpoint it resumed from;
+- ``frames_lost``: frames whose rollout was done before the fault but are not in the checkpoint the
+  run resumed from (trained again); ``frames_finished_after_the_signal``: the rollout in progress,
+  finished before stopping (signals);
 - ``resume_to_first_update_s``: from the resume command's start to its first new metrics row's
   rollout being done (process start, imports, env and checkpoint load, one rollout);
 - ``first_rollout_s`` of an uninterrupted start, for scale.
@@ -51,9 +53,17 @@ def _start(run: Path, over: list[str]) -> tuple[subprocess.Popen, float]:
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), time.monotonic()
 
 
-def _wait_rows(child, run: Path, n: int, timeout: float = 900) -> float:
+def _inode(run: Path) -> int | None:
+    try:
+        return (run / "metrics.jsonl").stat().st_ino
+    except OSError:
+        return None
+
+
+def _wait_rows(child, run: Path, n: int, timeout: float = 900, not_inode: int | None = None) -> float:
+    """Until ``run``'s metrics log has ``n`` rollout rows (in a new file, if ``not_inode`` is the old one's)."""
     t0 = time.monotonic()
-    while len(_rows(run)) < n:
+    while len(_rows(run)) < n or (not_inode is not None and _inode(run) == not_inode):
         if child.poll() is not None:
             raise RuntimeError(f"fit exited ({child.returncode}) before {n} rollouts in {run}")
         if time.monotonic() - t0 > timeout:
@@ -83,12 +93,14 @@ def one(fault: str, root: Path, over: list[str], after_rollouts: int) -> dict:
     stop_s = time.monotonic() - t_fault
     resumed_from = _ckpt_frames(run) or 0
     rows_before = len([r for r in _rows(run) if r["train/frames"] <= resumed_from])
+    old = _inode(run) if rows_before == 0 else None   # no checkpoint: the run dir is moved aside and restarted
     child, t0 = _start(run, over)
-    t_first = _wait_rows(child, run, rows_before + 1)
+    t_first = _wait_rows(child, run, rows_before + 1, not_inode=old)
     child.kill()
     child.wait()
     return {"fault": fault, "exit_code": code, "frames_at_fault": frames_at_fault,
-            "checkpoint_frames": resumed_from, "frames_lost": frames_at_fault - resumed_from,
+            "checkpoint_frames": resumed_from, "frames_lost": max(0, frames_at_fault - resumed_from),
+            "frames_finished_after_the_signal": max(0, resumed_from - frames_at_fault),
             "stop_s": round(stop_s, 2), "resume_to_first_update_s": round(t_first - t0, 2),
             "first_rollout_of_a_fresh_start_s": None}
 
@@ -99,8 +111,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "faults.json"))
     ap.add_argument("overrides", nargs="*", default=[], help="fit overrides (default: the default config)")
     args = ap.parse_args()
-    over = ["total_frames=409600", "checkpoint.every_n_rollouts=null", "checkpoint.every_minutes=0.25",
-            *args.overrides]
+    over = ["total_frames=409600", *args.overrides]   # the default checkpoints: every 25 rollouts, every 10 min
     root = Path(tempfile.mkdtemp(prefix="prunerl-faults-"))
     try:
         fresh = root / "fresh"
@@ -117,8 +128,8 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result = {"overrides": over, "cpu_count": os.cpu_count(), "rows": rows,
-              "note": "stop_s includes finishing the rollout in progress (signals) — 0 for kill -9; "
-                      "frames_lost is what the resumed run trains again"}
+              "note": "stop_s includes finishing the rollout in progress (signals) — ~0 for kill -9; "
+                      "frames_lost is what the resumed run trains again; timings depend on what else runs"}
     atomic.write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
     print(f"-> {args.out}")
 
