@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +30,8 @@ from prunerl.envs import TASKS, make_env
 from prunerl.models import Critic, GaussianActor
 from prunerl.module import PPOModule
 from prunerl.preemption import FinalCheckpoint, Preemption, TimedCheckpoint
-from prunerl.rundir import MetricsLogger, RunDir, RunDirBusy, newest_checkpoint, read_summary, run_config_diff
+from prunerl.rundir import MetricsLogger, RunDir, RunDirBusy, newest_checkpoint, read_summary
+from prunerl.runset import run_config_diff
 
 
 def build_models(cfg: DictConfig, obs_dim: int, act_dim: int) -> tuple[GaussianActor, Critic]:
@@ -142,6 +144,7 @@ def fit(cfg: DictConfig) -> dict:
         if finished is not None:
             return finished
     run.probe(min_free_mb=cfg.checkpoint.get("min_free_mb", 0))
+    prior = _wandb_run()
     try:
         with run.lock():
             return _fit(cfg, run, device)
@@ -150,6 +153,16 @@ def fit(cfg: DictConfig) -> dict:
             raise
         print(f"skip: {run.path} is being trained by another fit ({e})", flush=True)
         return {"skipped": True, "busy": True, "run_dir": str(run.path)}
+    finally:
+        # Lightning's WandbLogger leaves its run open, and the next WandbLogger in this process (the
+        # next run of a multirun, a test) would log into it: close the run this fit started
+        current = _wandb_run()
+        if current is not None and current is not prior:
+            sys.modules["wandb"].finish()
+
+
+def _wandb_run():
+    return getattr(sys.modules.get("wandb"), "run", None)
 
 
 def _refuse_existing(run: RunDir) -> None:

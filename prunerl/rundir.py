@@ -145,21 +145,6 @@ class RunDir:
         return out
 
 
-def run_config_diff(run_dir: str | Path, config: dict) -> str:
-    """How the run saved in ``run_dir`` (its config.yaml) differs from ``config`` as a run — the
-    report's definition of "the same run" (:func:`prunerl.runset.run_config`); "" when it does not."""
-    import yaml
-
-    from prunerl.runset import run_config
-
-    saved_path = Path(run_dir) / "config.yaml"
-    saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else {}
-    there, now = run_config(saved or {}), run_config(config)
-    diff = [(k, there.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(there) | set(now))
-            if there.get(k, "<absent>") != now.get(k, "<absent>")]
-    return "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:5])
-
-
 def newest_checkpoint(folder: str | Path) -> tuple[tuple[Path, int] | None, list[tuple[Path, str]]]:
     """The run's newest good resume checkpoint in ``folder`` (``last.ckpt`` and the periodic
     ``rollout*.ckpt``; not the evaluation's victim copies) as ``(path, update t)``, and the files

@@ -116,6 +116,19 @@ def run_config(cfg: dict) -> dict:
     return flat
 
 
+def run_config_diff(run_dir: str | Path, config: dict) -> str:
+    """How the run saved in ``run_dir`` (its config.yaml) differs from ``config`` as a run — the
+    report's definition of "the same run" (:func:`prunerl.runset.run_config`); "" when it does not."""
+    import yaml
+
+    saved_path = Path(run_dir) / "config.yaml"
+    saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else {}
+    there, now = run_config(saved or {}), run_config(config)
+    diff = [(k, there.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(there) | set(now))
+            if there.get(k, "<absent>") != now.get(k, "<absent>")]
+    return "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:5])
+
+
 def fingerprint(cfg: dict) -> str:
     """Two run directories hold the same run iff their fingerprints are equal."""
     return json.dumps(sorted(run_config(cfg).items(), key=lambda kv: kv[0]), default=str)

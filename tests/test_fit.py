@@ -127,7 +127,8 @@ def test_anneal_lr_falls_linearly_per_rollout_and_resumes(small_cfg, tmp_path):
 
 def test_skip_finished_skips_the_same_finished_run_only(small_cfg, tmp_path):
     """Resumable sweeps: with skip_finished=true a finished run is not trained again (its files are
-    untouched), a finished run of another config is refused, an unfinished one is moved aside."""
+    untouched), a finished run of another config is refused, an unfinished one is continued in place
+    from its newest good checkpoint, or moved aside when it has none."""
     from prunerl.config import ConfigError
 
     run = tmp_path / "run"
@@ -142,7 +143,13 @@ def test_skip_finished_skips_the_same_finished_run_only(small_cfg, tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):  # without the flag: refused as before
         fit(small_cfg("callbacks.evaluation=null"))
 
-    (run / "summary.json").unlink()  # an interrupted run
+    (run / "summary.json").unlink()  # a run killed after its last checkpoint: continued in place
     third = fit(small_cfg(*over))
     assert "skipped" not in third and (run / "summary.json").is_file()
-    assert (tmp_path / "run.partial-0" / "config.yaml").is_file()
+    assert third["resumed_from"] == str(run / "checkpoints" / "last.ckpt") and third["updates"] == first["updates"]
+    assert not (tmp_path / "run.partial-0").exists()
+    (run / "summary.json").unlink()  # and one without a good checkpoint: moved aside, started again
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):
+        ckpt.write_bytes(b"torn")
+    fourth = fit(small_cfg(*over))
+    assert fourth["resumed_from"] is None and (tmp_path / "run.partial-0" / "config.yaml").is_file()
