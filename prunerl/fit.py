@@ -17,7 +17,6 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
