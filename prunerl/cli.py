@@ -7,6 +7,7 @@ exits with status 2 before anything is written.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import sys
@@ -146,31 +147,49 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [f"prunerl {command}", *rest]
     # Hydra reports a bad command line (unknown key, unknown group option, unparsable override) in
     # several lines and exits 1; hold its stderr until the command starts, and say it in one line.
-    real_stderr, held = sys.stderr, io.StringIO()
-    started = False
-
-    def task(cfg):
-        nonlocal started
-        if not started:
-            started, sys.stderr = True, real_stderr
-            real_stderr.write(held.getvalue())
-        return _run(command, cfg)
-
-    sys.stderr = held
+    _HELD.update(real=sys.stderr, held=io.StringIO(), started=False)
+    sys.stderr = _HELD["held"]
     try:
-        hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(task)()
+        # a top-level function and a str: launchers that pickle the task (joblib, submitit) can
+        hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(
+            functools.partial(_task, command))()
     except SystemExit as e:
-        if not started and e.code not in (0, None):
-            sys.stderr, started = real_stderr, True
-            text = held.getvalue()
+        if not _HELD["started"] and e.code not in (0, None):
+            _release()
+            text = _HELD["held"].getvalue()
+            if not any(m in text for m in HYDRA_INPUT_ERRORS):   # not the command line: say it as it was
+                sys.stderr.write(text)
+                raise
             bad = _unparsable(rest) if "override" in text and ": error: " not in text else None
             print(f"error: {bad or hydra_error_line(text)}", file=sys.stderr)
             sys.exit(2)
         raise
     finally:
-        if not started:   # e.g. --help, --cfg job: nothing failed, pass on what was said
-            sys.stderr = real_stderr
-            real_stderr.write(held.getvalue())
+        if not _HELD["started"]:   # e.g. --help, --cfg job: nothing failed, pass on what was said
+            _release()
+            sys.stderr.write(_HELD["held"].getvalue())
+
+
+# Hydra's reports of a bad command line (composition, overrides, argparse); anything else is not bad input
+HYDRA_INPUT_ERRORS = ("Could not override", "Could not find", "Could not load", "Error parsing override",
+                      "no viable alternative", "mismatched input", "extraneous input", ": error: ",
+                      "is not in struct", "Could not append")
+_HELD: dict = {"real": None, "held": None, "started": True}
+
+
+def _release() -> None:
+    """Give stderr back (once) and pass on what Hydra said meanwhile."""
+    if not _HELD["started"]:
+        _HELD["started"] = True
+        sys.stderr = _HELD["real"]
+
+
+def _task(command: str, cfg: DictConfig):
+    if not _HELD["started"]:   # in this process: the command started, stderr goes back
+        held = _HELD["held"].getvalue()
+        _release()
+        sys.stderr.write(held)
+    return _run(command, cfg)
 
 
 def _unparsable(overrides: list[str]) -> str | None:

@@ -6,6 +6,8 @@ Errors name the key, the bad value and what is allowed (STYLE.md), e.g.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from omegaconf import DictConfig, ListConfig
 
@@ -34,7 +36,7 @@ def _positive_int(name: str, value) -> int:
 
 
 def _number(value, positive: bool = False) -> bool:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     return ok and (value > 0 if positive else True)
 
 
@@ -45,7 +47,8 @@ NUMBERS = (
     ("algo.gae_lambda", 0, True, 1, True), ("algo.clip", 0, False, None, None),
     ("algo.vf_coef", 0, True, None, None), ("algo.ent_coef", 0, True, None, None),
     ("algo.max_grad_norm", 0, False, None, None), ("algo.model.sigma", 0, False, None, None),
-    ("env.clip_obs", 0, False, None, None),
+    ("env.clip_obs", 0, False, None, None), ("algo.sa.step_ratio", 0, False, None, None),
+    ("algo.sa.eps_ramp", 0, True, 1, True),
 )
 
 
@@ -77,6 +80,9 @@ def validate_numbers(cfg: DictConfig) -> None:
         if not (_number(v) or (v is None and key != "algo.kappa")):
             raise ConfigError(f"{key}={v!r} is not allowed; allowed: a number >= 0"
                               + (" (null: the task's ε)" if key == "algo.sa.eps" else ""))
+    steps = cfg.algo.sa.steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ConfigError(f"algo.sa.steps={steps!r} must be an integer >= 0 (0: no inner maximisation)")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed!r} must be an integer >= 0")
     hidden = cfg.algo.model.hidden
@@ -199,7 +205,11 @@ def validate_attack_settings(ev, prefix: str = "") -> None:
     for a in attacks or []:
         if a not in ATTACKS:
             raise ConfigError(f"{prefix}attacks contains {a!r}, which is not an attack; allowed: {list(ATTACKS)}")
-    if ev.eps is not None and (not isinstance(ev.eps, (int, float)) or ev.eps < 0):
+    if ev.eps is not None and not _number(ev.eps):
+        raise ConfigError(f"{prefix}eps={ev.eps!r} is not allowed; allowed: a number >= 0 (null = the task's ε)")
+    if not _number(ev.step_ratio):
+        raise ConfigError(f"{prefix}step_ratio={ev.step_ratio!r} is not allowed; allowed: a number > 0")
+    if ev.eps is not None and ev.eps < 0:
         raise ConfigError(f"{prefix}eps={ev.eps} is negative; ε must be >= 0 (null = the task's ε)")
     _positive_int(f"{prefix}episodes", ev.episodes)
     if not isinstance(ev.steps, int) or ev.steps < 0:

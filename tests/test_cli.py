@@ -88,3 +88,18 @@ def test_format_summary_names_the_worst_attack_and_the_average():
     robust = next(ln for ln in out.splitlines() if "robust (worst)" in ln)
     assert robust.split()[2] == "300" and "(rs)" in robust and "average over attacks 650" in robust
     assert "50 episodes, a = μ(ŝ)" in out and "ℓ∞ ball, ε = 0.075" in out and out.endswith("-> RUN")
+
+
+def test_a_parallel_sweep_launches_through_joblib(tmp_path):
+    """The local launcher pickles the task function: the CLI's must be picklable (a regression)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "prunerl", "fit", "-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2",
+                        "seed=0,1", "env=inverted_pendulum", "env.num_envs=8", "total_frames=1024",
+                        "algo.frames_per_batch=1024", "algo.minibatches=8", "algo.epochs=1", "algo.model.hidden=[32,32]",
+                        "logger=none", "callbacks.progress=null", "evaluation.attacks=[random]", "evaluation.episodes=1",
+                        f"hydra.sweep.dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert len(list(tmp_path.glob("*/summary.json"))) == 2
