@@ -90,6 +90,8 @@ def _run(command: str, cfg: DictConfig):
         return evaluate(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        if command == "fit":
+            _remove_made_run_dir(cfg)
         sys.exit(2)
     except Interrupted as e:   # evaluate: a learned adversary's training was preempted (it resumes)
         from prunerl.preemption import EXIT_INTERRUPTED
@@ -97,6 +99,21 @@ def _run(command: str, cfg: DictConfig):
         print(f"interrupted by {e}; run the same command again to continue (finished attack models are cached)",
               file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _remove_made_run_dir(cfg: DictConfig) -> None:
+    """A refused ``fit`` leaves nothing: Hydra makes the run dir before any check of ours; remove it
+    if it is empty and was not there before the command (a dir the user gave that existed stays)."""
+    try:
+        run_dir = Path(str(cfg.run_dir))
+    except Exception:  # noqa: BLE001 — no resolvable run dir: nothing to remove
+        return
+    if str(run_dir) in _EXISTED or run_dir.resolve() in {Path(p).resolve() for p in _EXISTED}:
+        return
+    try:
+        run_dir.rmdir()   # only an empty directory
+    except OSError:
+        pass
 
 
 def _multirun() -> bool:
@@ -140,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     config_name = COMMANDS[command][0]
     for arg in rest:   # Hydra creates the run dir before any check of ours: refuse a bad one first
         if arg.startswith("hydra.run.dir="):
+            if Path(arg.split("=", 1)[1]).expanduser().exists():
+                _EXISTED.add(arg.split("=", 1)[1])
             why = _uncreatable(arg.split("=", 1)[1])
             if why:
                 print(f"error: {arg} cannot be used: {why}; choose a directory this user can create", file=sys.stderr)
@@ -175,6 +194,7 @@ HYDRA_INPUT_ERRORS = ("Could not override", "Could not find", "Could not load", 
                       "no viable alternative", "mismatched input", "extraneous input", ": error: ",
                       "is not in struct", "Could not append")
 _HELD: dict = {"real": None, "held": None, "started": True}
+_EXISTED: set[str] = set()   # run dirs given on the command line that existed before it ran
 
 
 def _release() -> None:

@@ -18,6 +18,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from prunerl.atomic import AtomicCheckpointIO
@@ -29,7 +30,8 @@ from prunerl.envs import TASKS, make_env
 from prunerl.models import Critic, GaussianActor
 from prunerl.module import PPOModule
 from prunerl.preemption import FinalCheckpoint, Preemption, TimedCheckpoint
-from prunerl.rundir import MetricsLogger, RunDir, RunDirBusy, newest_checkpoint, read_summary
+from prunerl.rundir import (MetricsLogger, RunDir, RunDirBusy, continue_logs, newest_checkpoint, read_summary,
+                            resume_checkpoint)
 from prunerl.runset import run_config_diff
 
 
@@ -131,7 +133,10 @@ def fit(cfg: DictConfig) -> dict:
     The run dir is locked while this runs (:meth:`RunDir.lock`): a second ``fit`` into it is
     refused — with ``skip_finished`` (sweeps), skipped as in progress elsewhere. With
     ``resume=auto`` (and in sweeps with ``skip_finished``) a run dir already holding this run is
-    skipped when finished, continued in place from its newest good checkpoint when not."""
+    skipped when finished, continued in place from its newest good checkpoint when not.
+    ``resume=RUN_DIR`` continues that run dir's newest good checkpoint (in place when it is
+    ``hydra.run.dir``, as ``resume=auto``; else into ``hydra.run.dir``, as ``resume=CHECKPOINT``)."""
+    cfg = _resolve_resume(cfg)
     validate_fit(cfg)
     device = resolve_device(cfg.device)
     run = RunDir(cfg.run_dir)
@@ -158,6 +163,22 @@ def fit(cfg: DictConfig) -> dict:
         current = _wandb_run()
         if current is not None and current is not prior:
             sys.modules["wandb"].finish()
+
+
+def _resolve_resume(cfg: DictConfig) -> DictConfig:
+    """``resume=DIR`` (a run dir or its checkpoints/ folder) as ``auto`` (DIR is this run's dir) or as
+    the path of DIR's newest good checkpoint; any other value unchanged."""
+    if cfg.get("resume") in (None, "auto") or not Path(str(cfg.resume)).expanduser().is_dir():
+        return cfg
+    given = Path(str(cfg.resume)).expanduser()
+    run_dir = given.parent if given.name == "checkpoints" and not (given / "checkpoints").is_dir() else given
+    cfg = cfg.copy()
+    if cfg.get("run_dir") is not None and run_dir.resolve() == Path(str(cfg.run_dir)).resolve():
+        cfg.resume = "auto"
+    else:
+        cfg.resume = resume_checkpoint(given)
+        print(f"resume={given}: continuing from {cfg.resume}", flush=True)
+    return cfg
 
 
 def _wandb_run():
@@ -194,6 +215,7 @@ def _resume_in_place(cfg: DictConfig, run: RunDir) -> str | None:
 
 def _fit(cfg: DictConfig, run: RunDir, device: torch.device) -> dict:
     resume = None if cfg.resume in (None, "auto") else str(cfg.resume)
+    in_place = False
     if run.existing_run():
         if not auto_resume(cfg):
             _refuse_existing(run)
@@ -201,6 +223,19 @@ def _fit(cfg: DictConfig, run: RunDir, device: torch.device) -> dict:
         if finished is not None:
             return finished
         resume = _resume_in_place(cfg, run)
+        in_place = resume is not None
+    # SIGTERM/SIGINT/SIGUSR1/SIGUSR2 from here on: finish the rollout, checkpoint, stop (a signal
+    # while the env and models are built stops the run after its first rollout)
+    preemption = Preemption()
+    preemption.arm()
+    try:
+        return _train(cfg, run, device, resume, in_place, preemption)
+    finally:
+        preemption.disarm()
+
+
+def _train(cfg: DictConfig, run: RunDir, device: torch.device, resume: str | None, in_place: bool,
+           preemption: Preemption) -> dict:
     # Lightning's start-up chatter (accelerator lines, tips) drowns the progress bar.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -234,13 +269,13 @@ def _fit(cfg: DictConfig, run: RunDir, device: torch.device) -> dict:
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
 
     # Create loggers and callbacks (named _target_ mappings; null entries are dropped)
-    run.write_config(cfg)
     loggers = [MetricsLogger(run.path)]
     loggers += [hydra.utils.instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    if in_place:   # the loggers' files continue from the checkpoint (Lightning's CSVLogger would delete its file)
+        continue_logs(loggers, torch.load(resume, map_location="cpu", weights_only=False)["global_step"])
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     final = FinalCheckpoint(run.checkpoints / "last.ckpt")   # first: before the end-of-run evaluation
     callbacks.insert(0, final)
-    preemption = Preemption()  # SIGTERM/SIGINT/SIGUSR1: finish the rollout, checkpoint, stop
     callbacks.append(preemption)
     callbacks.append(DivergenceGuard())  # no checkpoint holds a NaN (checkpoint callbacks run after it)
     if cfg.checkpoint.get("every_minutes") is not None:
@@ -249,13 +284,17 @@ def _fit(cfg: DictConfig, run: RunDir, device: torch.device) -> dict:
         dirpath=run.checkpoints, filename="rollout{epoch:05d}-t{step}",
         every_n_epochs=cfg.checkpoint.every_n_rollouts or 0,  # null: no periodic ones, only last.ckpt
         save_on_train_epoch_end=True, save_top_k=-1, save_last=True, auto_insert_metric_name=False,
+        enable_version_counter=False,   # last.ckpt is rewritten in place, never last-v1.ckpt beside it
     ))
+    plugins = [AtomicCheckpointIO()]   # every checkpoint written whole or not at all
+    if SLURMEnvironment.detect():   # preemption is ours (Preemption, requeue_on_slurm), not Lightning's auto-requeue
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, accelerator="gpu" if device.type == "cuda" else "cpu", max_epochs=n_rollouts,
         logger=loggers, callbacks=callbacks, default_root_dir=str(run.path),
-        plugins=[AtomicCheckpointIO()],  # every checkpoint written whole or not at all
-        enable_progress_bar=any(type(c).__name__.endswith("ProgressBar") for c in callbacks),
+        plugins=plugins, enable_progress_bar=any(type(c).__name__.endswith("ProgressBar") for c in callbacks),
     )
+    run.write_config(cfg)   # only now: a logger, callback or trainer setting that fails has written nothing
 
     # Train
     t0 = time.perf_counter()
@@ -307,7 +346,7 @@ def _fit(cfg: DictConfig, run: RunDir, device: torch.device) -> dict:
     if diverged is not None:
         good, _ = newest_checkpoint(run.checkpoints)
         summary.update(status="diverged", diverged_at_update=diverged.update, diverged_term=diverged.term,
-                       error=str(diverged), last_good_checkpoint=str(good[0]) if good else None)
+                       error=str(diverged), last_good_checkpoint=str(good[0]) if good else resume)
         run.write_summary(summary)
         return summary
     for extra in trainer.callbacks:  # callbacks may add their figures (pruning, Lipschitz, eval)

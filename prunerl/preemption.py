@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM, SIGINT and SIGUSR1 (what SLURM sends with ``--signal``) stop a run cleanly.
+"""Preemption: SIGTERM, SIGINT, SIGUSR1 (what SLURM sends with ``--signal``) and SIGUSR2 (what
+submitit, Hydra's SLURM launcher, sends) stop a run cleanly.
 
 On the signal the run finishes the rollout in progress (its collection and its updates: about a
 second or two for the default recipe), then stops; ``fit`` writes ``checkpoints/last.ckpt`` (the
@@ -7,8 +8,11 @@ exact-resume checkpoint of a rollout boundary), writes ``summary.json`` with ``"
 ``python -m prunerl fit resume=<run>/checkpoints/last.ckpt [same overrides]`` continues it, ending
 with exactly the weights of the run that was never interrupted (tests/test_preemption.py).
 
-A second SIGINT (Ctrl-C twice) stops at once, as Ctrl-C usually does. Lightning's own SIGTERM
-handling (raise mid-rollout, no checkpoint) is replaced while the run trains and restored after.
+A second SIGINT (Ctrl-C twice) stops at once, as Ctrl-C usually does. The handlers are set as soon
+as ``fit`` holds its run dir (:meth:`Preemption.arm`: a signal while the env and models are built
+stops the run after its first rollout) and again when training starts, over Lightning's own SIGTERM
+handling (raise mid-rollout, no checkpoint) and SLURM auto-requeue; ``fit`` restores the previous
+handlers when it returns (:meth:`Preemption.disarm`).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import threading
 import time
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 
 #: ``fit``'s exit status after a preemption (sysexits' EX_TEMPFAIL: "try again later" — resume).
 EXIT_INTERRUPTED = 75
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Preemption(L.Callback):
@@ -31,7 +36,21 @@ class Preemption(L.Callback):
 
     def __init__(self) -> None:
         self.interrupted: str | None = None   # the signal's name, once one arrived
-        self._previous: dict = {}
+        self._previous: dict = {}   # the handlers Lightning set (restored when training ends)
+        self._outer: dict = {}      # the handlers before fit (restored by disarm)
+
+    def arm(self) -> None:
+        """Catch the signals from now on (main thread only: elsewhere Python cannot set handlers)."""
+        if threading.current_thread() is threading.main_thread():
+            self._outer = {s: signal.getsignal(s) for s in SIGNALS}
+            for s in SIGNALS:
+                signal.signal(s, self._handler)
+
+    def disarm(self) -> None:
+        """Give the signals back to whoever had them before :meth:`arm`."""
+        for s, h in self._outer.items():
+            signal.signal(s, h)
+        self._outer = {}
 
     def _handler(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -66,11 +85,13 @@ class Preemption(L.Callback):
         self._previous = {}
 
 
-class TimedCheckpoint(L.Callback):
+class TimedCheckpoint(Checkpoint):
     """``checkpoint.every_minutes``: write ``checkpoints/last.ckpt`` at the first rollout end after
     each ``minutes`` of training, so a crash (``kill -9``, a dead node) loses at most about that much.
     Rollout ends only: a checkpoint there resumes exactly (mid-rollout ones could not — the
-    rollout's data is not in it). Runs after :class:`~prunerl.divergence.DivergenceGuard`."""
+    rollout's data is not in it). A :class:`~lightning.pytorch.callbacks.Checkpoint`, so Lightning
+    runs it after the module has logged the rollout's metrics row (and after
+    :class:`~prunerl.divergence.DivergenceGuard`): a crash right after it loses no row."""
 
     def __init__(self, minutes: float, path) -> None:
         self.seconds, self.path = 60.0 * float(minutes), path
@@ -99,6 +120,13 @@ def requeue_on_slurm(cfg) -> bool:
         print("not requeued: the requeued job would start a new run (run it with resume=auto, or a sweep "
               "preset's skip_finished=true, to be requeued and continued)", flush=True)
         return False
+    from hydra.core.hydra_config import HydraConfig
+
+    why = timestamped_run_dir(HydraConfig.get()) if HydraConfig.initialized() else None
+    if why is not None:
+        print(f"not requeued: {why}; the requeued job would start a new run there instead of continuing "
+              "this one — give a fixed hydra.run.dir=DIR (sweeps: hydra.sweep.dir=DIR) to be requeued", flush=True)
+        return False
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     try:
@@ -112,6 +140,23 @@ def requeue_on_slurm(cfg) -> bool:
     print(f"requeued SLURM job {job}; it resumes from the checkpoint when it starts again "
           f"(with resume=auto or skip_finished=true)", flush=True)
     return True
+
+
+def timestamped_run_dir(hydra_cfg) -> str | None:
+    """Why a rerun of this command would not write to this run dir (its pattern holds ``${now:...}``,
+    as the default ``hydra.run.dir`` does), or None when it would."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        keys = ("sweep.dir", "sweep.subdir")
+    else:
+        keys = ("run.dir",)
+    for key in keys:
+        raw = str(OmegaConf.to_container(hydra_cfg, resolve=False)[key.split(".")[0]][key.split(".")[1]])
+        if "${now:" in raw:
+            return f"hydra.{key}={raw} is timestamped"
+    return None
 
 
 class Interrupted(Exception):

@@ -7,7 +7,9 @@ One home for writing it: ``fit`` uses :class:`RunDir`; the report and benchmarks
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
+import io
 import json
 import math
 import os
@@ -15,7 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -41,24 +44,42 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    @property
+    def lock_file(self) -> Path:
+        """``<parent>/.<run dir name>.lock``: beside the run dir, not in it, so that moving an
+        unfinished run aside (:meth:`move_aside`) never moves the lock a running ``fit`` holds."""
+        return self.path.with_name(f".{self.path.name}.lock")
+
     @contextlib.contextmanager
     def lock(self):
         """Hold this run dir for one ``fit``: a second ``fit`` into it while the first runs is refused
-        (never interleaved). An advisory ``flock`` on ``<run dir>/.lock``: the kernel drops it when the
-        holder exits, however it exits, so a crashed run never leaves the dir locked."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
+        (never interleaved). An advisory ``flock`` on :attr:`lock_file`: the kernel drops it when the
+        holder exits, however it exits, so a crashed run never leaves the dir locked. The file is
+        removed on release; a process that locked a file already unlinked retries on the new one."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
                 raise RunDirBusy(f"hydra.run.dir={self.path} is in use by a running fit (pid {holder}); "
                                  "wait for it to finish or choose another directory") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_file).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)   # the previous holder removed this file as we locked it: lock the new one
+        try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield self
         finally:
+            with contextlib.suppress(OSError):
+                self.lock_file.unlink()   # while still held: no one can hold this inode meanwhile
             os.close(fd)   # releases the lock
 
     def probe(self, min_free_mb: float = 0) -> None:
@@ -126,10 +147,7 @@ class RunDir:
         k = 0
         while (target := self.path.with_name(f"{self.path.name}.partial-{k}")).exists():
             k += 1
-        self.path.rename(target)
-        if (target / ".lock").exists():   # the lock this fit holds stays with the run dir's path
-            self.path.mkdir()
-            (target / ".lock").rename(self.path / ".lock")
+        self.path.rename(target)   # the lock (beside the run dir, keyed by its path) stays held
         return target
 
     def write_config(self, cfg: DictConfig) -> None:
@@ -166,6 +184,65 @@ def newest_checkpoint(folder: str | Path) -> tuple[tuple[Path, int] | None, list
         return None, bad
     step, _, path = max(found, key=lambda f: (f[0], f[2].name == "last.ckpt"))
     return (path, step), bad
+
+
+def resume_checkpoint(folder: str | Path) -> str:
+    """``resume=DIR``: the newest good checkpoint of run dir ``DIR`` (or of its ``checkpoints/``
+    folder given directly), or a :class:`ConfigError` saying why there is none."""
+    folder = Path(folder)
+    ckpts = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    found, bad = newest_checkpoint(ckpts)
+    if found is None:
+        why = "; ".join(f"{p.name}: {w}" for p, w in bad) or "no last.ckpt or rollout*.ckpt in it"
+        raise ConfigError(f"resume={folder} holds no checkpoint to continue from ({why}); "
+                          "give a run dir with checkpoints/, a checkpoint file, or auto")
+    return str(found[0])
+
+
+def continue_logs(loggers, step: int) -> None:
+    """A run resumed in place from the checkpoint of update ``step``: the loggers' own files go on
+    where that checkpoint left them. Lightning's CSVLogger would delete ``csv/metrics.csv``; here
+    its rows up to ``step`` are kept (later ones are redone by the resumed run). A W&B logger
+    continues the run it logged to (same id, ``resume="allow"``; W&B drops the redone steps it
+    already has — they are identical, the resume being exact). TensorBoard starts a new event
+    file beside the old ones (the redone steps appear in both)."""
+    for logger in loggers:
+        if isinstance(logger, CSVLogger) and logger._experiment is None:
+            logger._experiment = _ContinuedCSV(logger.log_dir, step)
+        elif isinstance(logger, WandbLogger) and logger._experiment is None:
+            run_id = _wandb_run_id(Path(logger.save_dir or "."))
+            if run_id is not None:
+                logger._wandb_init.update(id=run_id, resume="allow")
+
+
+def _wandb_run_id(save_dir: Path) -> str | None:
+    """The id of the newest W&B run written under ``save_dir/wandb`` (``[offline-]run-<time>-<id>``)."""
+    runs = sorted((save_dir / "wandb").glob("*run-*-*"), key=lambda p: p.name.split("run-", 1)[1])
+    return runs[-1].name.rsplit("-", 1)[1] if runs else None
+
+
+class _ContinuedCSV(ExperimentWriter):
+    """Lightning's CSV writer, continuing an existing ``metrics.csv`` (its rows up to ``step`` kept)."""
+
+    def __init__(self, log_dir: str, step: int) -> None:
+        self._keep_step = step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:   # where Lightning deletes the old file
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            keys, rows = list(reader.fieldnames or []), list(reader)
+        keep = [r for r in rows if not r.get("step") or float(r["step"]) <= self._keep_step]
+        self.metrics_keys = sorted(keys)
+        if len(keep) != len(rows) or keys != self.metrics_keys:
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=self.metrics_keys)
+            w.writeheader()
+            w.writerows(keep)
+            atomic.write_text(path, buf.getvalue())
 
 
 def _jsonable(x):

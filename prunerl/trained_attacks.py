@@ -126,8 +126,10 @@ def learned_adversaries(victim_path: Path, actor: GaussianActor, task: str, eps:
                         log=print) -> list[tuple[int, GaussianActor, RunningNormalizer]]:
     """The learned adversaries for this victim (and ε), one per seed of ``settings.optimal.seeds``,
     as (seed, actor, frozen normaliser): each from the cache beside the victim's checkpoint, or
-    trained by ``fit`` with ``experiment=adversary``."""
-    out = []
+    trained by ``fit`` with ``experiment=adversary``. A seed whose training diverged is left out,
+    with a warning (re-running it would diverge the same way; it is not requeued as a preemption);
+    :class:`AdversaryDiverged` when all did."""
+    out, failed = [], []
     for seed in settings.optimal.seeds:
         cfg = adversary_config(victim_path, eps, settings, int(seed))
         # keyed by the whole adversary config (conf/experiment/adversary.yaml and evaluation.optimal)
@@ -140,9 +142,21 @@ def learned_adversaries(victim_path: Path, actor: GaussianActor, task: str, eps:
             log(f"training the optimal adversary (seed {seed}) for {cfg.total_frames} frames  ->  {run_dir.name}/")
             with torch.random.fork_rng(devices=[]):
                 s = fit(cfg)
+            if s.get("status") == "diverged":   # retraining would diverge the same way: not a preemption
+                log(f"warning: the optimal adversary (seed {seed}) diverged ({s.get('error')}); "
+                    f"it is left out of the optimal attack — see {run_dir}/summary.json")
+                failed.append(f"seed {seed}: {s.get('diverged_term')} at update {s.get('diverged_at_update')}")
+                continue
             if s.get("status") != "finished":   # its own preemption handler caught the signal
                 raise Interrupted(s.get("interrupted_by") or str(s.get("status")))
         adv, adv_norm_state, _ = actor_from_checkpoint(load_checkpoint(last))
         device = next(actor.parameters()).device
         out.append((int(seed), adv.to(device).eval(), frozen_normalizer(adv_norm_state).to(device)))
+    if not out:
+        raise AdversaryDiverged(f"every learned adversary diverged ({'; '.join(failed)}), so the 'optimal' attack "
+                                "has no model; drop it from the attacks or change evaluation.optimal (seeds, frames)")
     return out
+
+
+class AdversaryDiverged(RuntimeError):
+    """No learned adversary of ``evaluation.optimal.seeds`` trained without diverging."""

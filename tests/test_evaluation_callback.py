@@ -289,3 +289,33 @@ def test_attacks_use_the_runs_own_env_eps(tmp_path):
     cfg = compose_cfg(None, f"checkpoint={run / 'checkpoints' / 'last.ckpt'}", "episodes=2", "attacks=[random]",
                       "stochastic=false", config_name="evaluate")
     assert evaluate(cfg)["eps"] == 0.2
+
+
+def test_a_diverged_learned_adversary_is_left_out_not_retried_as_a_preemption(victim, tmp_path, monkeypatch):
+    """An adversary whose training diverges (here: seed 0 trained with lr=1e30) is left out of the
+    optimal attack with a warning; evaluating again reads its diverged run and does not retrain it
+    (before the fix it raised Interrupted: exit 75, and a requeue loop under SLURM). When every
+    seed diverges, a clear error."""
+    import prunerl.trained_attacks as T
+
+    real = T.adversary_config
+
+    def seed0_diverges(victim_path, eps, settings, seed):
+        cfg = real(victim_path, eps, settings, seed)
+        if seed == 0:
+            cfg.algo.lr = 1e30
+        return cfg
+
+    monkeypatch.setattr(T, "adversary_config", seed0_diverges)
+    run, _ = victim
+    ckpt = tmp_path / "victim.ckpt"
+    ckpt.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    args = (f"checkpoint={ckpt}", "attacks=[optimal]", "episodes=2", "stochastic=false", "optimal.frames=2048")
+    out = evaluate(compose_cfg(None, *args, "optimal.seeds=[0,1]", config_name="evaluate"))
+    assert [r["seed"] for r in out["optimal_scan"]] == [1]
+    diverged = [json.loads((r / "summary.json").read_text()) for r in tmp_path.glob("victim.adversary-*")]
+    assert sorted(s["status"] for s in diverged) == ["diverged", "finished"]
+    again = evaluate(compose_cfg(None, *args, "optimal.seeds=[0,1]", config_name="evaluate"))
+    assert again["attack_returns"] == out["attack_returns"]
+    with pytest.raises(T.AdversaryDiverged, match=r"every learned adversary diverged \(seed 0: "):
+        evaluate(compose_cfg(None, *args, "optimal.seeds=[0]", config_name="evaluate"))

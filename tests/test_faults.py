@@ -80,6 +80,15 @@ def test_a_nan_stops_the_run_at_that_update_naming_the_term_and_keeps_a_good_che
     assert max(r["step"] for r in read_metrics(run)) < at + 16
 
 
+def test_a_resumed_run_that_diverges_before_its_own_first_checkpoint_names_the_one_it_resumed_from(small_cfg,
+                                                                                                tmp_path):
+    first = fit(small_cfg(*OVER, "total_frames=2048", run_dir=tmp_path / "first"))
+    src = str(tmp_path / "first" / "checkpoints" / "last.ckpt")
+    s = fit(_nan_cfg(small_cfg, "weight", 40, tmp_path / "run", f"resume={src}"))
+    assert first["updates"] == 32 and s["status"] == "diverged" and s["diverged_at_update"] == 40
+    assert s["last_good_checkpoint"] == src
+
+
 def test_the_cli_exits_3_with_one_line_and_a_sweep_treats_a_diverged_run_as_done(small_cfg, tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "prunerl", "fit", "env=inverted_pendulum", "env.num_envs=8", "total_frames=4096",
@@ -143,7 +152,7 @@ def test_kill_9_mid_run_loses_only_the_work_since_the_newest_checkpoint(small_cf
     """A crash (SIGKILL: no handler runs): resume=auto continues from the newest checkpoint, drops the
     metrics rows logged after it, and ends with the uninterrupted run's weights."""
     over = ("env=inverted_pendulum", "env.num_envs=8", "total_frames=10240", "algo.frames_per_batch=1024",
-            "algo.minibatches=8", "algo.epochs=2", "algo.model.hidden=[64,64]", "logger=none",
+            "algo.minibatches=8", "algo.epochs=2", "algo.model.hidden=[64,64]", "logger=csv",
             "callbacks.progress=null", "evaluation.attacks=[random]", "evaluation.episodes=2",
             "checkpoint.every_n_rollouts=3", "checkpoint.every_minutes=null")
     whole = fit(small_cfg(*over[8:], *over[:8], run_dir=tmp_path / "whole"))
@@ -167,6 +176,106 @@ def test_kill_9_mid_run_loses_only_the_work_since_the_newest_checkpoint(small_cf
     steps = [r["step"] for r in read_metrics(run) if "train/update" in r]
     assert steps == [16 * k for k in range(1, 11)]
     assert resumed["clean_return"] == whole["clean_return"]
+    # logger=csv: Lightning's CSVLogger would have deleted csv/metrics.csv; it goes on from the checkpoint
+    assert _csv_steps(run) == _csv_steps(tmp_path / "whole") and len(_csv_steps(run)) >= 10
+    assert not list((run / "checkpoints").glob("*-v1.ckpt"))   # last.ckpt rewritten, never last-v1.ckpt
+
+
+def _csv_steps(run):
+    import csv
+
+    with (run / "csv" / "metrics.csv").open(newline="") as f:
+        return [int(float(r["step"])) for r in csv.DictReader(f)]
+
+
+def test_resume_run_dir_continues_in_place_or_into_a_new_dir(small_cfg, tmp_path):
+    """resume=RUN_DIR: that run dir's newest good checkpoint — in place when it is hydra.run.dir
+    (as resume=auto), else into hydra.run.dir (as resume=CHECKPOINT); either ends like the whole run."""
+    import shutil
+
+    over = (*OVER, "checkpoint.every_n_rollouts=3")
+    whole = fit(small_cfg(*over, run_dir=tmp_path / "whole"))
+    run = tmp_path / "run"
+    sig = (f"+callbacks.sig._target_={__name__}.SignalAt", "+callbacks.sig.update=20")
+    assert fit(small_cfg(*over, *sig, run_dir=run))["status"] == "interrupted"
+    shutil.copytree(run, tmp_path / "copy")
+    other = fit(small_cfg(*over, *sig, f"resume={tmp_path / 'copy'}", run_dir=tmp_path / "other"))
+    assert other["status"] == "finished" and other["resumed_from"] == str(tmp_path / "copy" / "checkpoints" / "last.ckpt")
+    _same_weights(tmp_path / "whole" / "checkpoints" / "last.ckpt", tmp_path / "other" / "checkpoints" / "last.ckpt")
+    here = fit(small_cfg(*over, *sig, f"resume={run}", run_dir=run))
+    assert here["status"] == "finished" and here["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    _same_weights(tmp_path / "whole" / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    assert here["clean_return"] == other["clean_return"] == whole["clean_return"]
+    # Lightning's version counter would have written last-v1.ckpt, last-v2.ckpt beside last.ckpt
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "rollout00002-t48.ckpt"]
+    with pytest.raises(ConfigError, match=r"resume=.*empty holds no checkpoint to continue from"):
+        (tmp_path / "empty").mkdir()
+        fit(small_cfg(*over, f"resume={tmp_path / 'empty'}", run_dir=tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+class RowAtCheckpoint(L.Callback):
+    """At every checkpoint written while training: is the rollout's metrics row already on disk?"""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        steps = [r["step"] for r in read_metrics(trainer.default_root_dir) if "train/update" in r]
+        self.seen.append((trainer.global_step, trainer.global_step in steps))
+
+
+def test_a_timed_checkpoint_is_written_after_its_rollouts_metrics_row(small_cfg, tmp_path):
+    """A kill -9 right after checkpoint.every_minutes writes last.ckpt must not lose the row of the
+    update it holds: resume=auto keeps rows up to the checkpoint and never logs that one again."""
+    cfg = small_cfg(*OVER, "checkpoint.every_minutes=0.000001", f"+callbacks.row._target_={__name__}.RowAtCheckpoint")
+    from prunerl import fit as fit_module
+
+    seen = []
+    real = fit_module.L.Trainer.fit
+
+    def keep(trainer, *a, **k):
+        out = real(trainer, *a, **k)
+        seen.extend(next(c for c in trainer.callbacks if isinstance(c, RowAtCheckpoint)).seen)
+        return out
+
+    fit_module.L.Trainer.fit = keep
+    try:
+        fit(cfg)
+    finally:
+        fit_module.L.Trainer.fit = real
+    assert [t for t, _ in seen][:4] == [16, 32, 48, 64] and all(ok for _, ok in seen), seen
+
+
+def test_a_logger_that_cannot_be_made_leaves_no_config(small_cfg, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(Exception, match="no.such"):
+        fit(small_cfg(*OVER, "logger=csv", "logger.csv._target_=no.such.Logger", run_dir=run))
+    assert not run.exists() or not any(run.iterdir())
+
+
+def test_a_requeue_needs_a_run_dir_the_requeued_job_finds_again():
+    """The default hydra.run.dir is timestamped: a requeued job would write a new run, so fit does
+    not requeue then (it says why); a fixed run dir or a sweep preset's fixed sweep dir is requeued."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from prunerl.preemption import timestamped_run_dir
+
+    def hydra_cfg(*overrides, mode=RunMode.RUN):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            h = compose("config", overrides=list(overrides), return_hydra_config=True).hydra
+        with open_dict(h):
+            h.mode = mode
+        return h
+
+    assert "hydra.run.dir=outputs/${env.name}/${now:" in timestamped_run_dir(hydra_cfg())
+    assert timestamped_run_dir(hydra_cfg("hydra.run.dir=/scratch/run")) is None
+    assert "hydra.sweep.dir=multirun/${now:" in timestamped_run_dir(hydra_cfg(mode=RunMode.MULTIRUN))
+    assert timestamped_run_dir(hydra_cfg("sweep=methods", mode=RunMode.MULTIRUN)) is None
 
 
 class CheckpointSeen(L.Callback):

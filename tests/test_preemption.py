@@ -24,7 +24,12 @@ OVER = ("total_frames=4096", "algo.kappa=0.3", "checkpoint.every_n_rollouts=null
 class SignalAt(L.Callback):
     """Sends this process ``signum`` at a chosen moment of a chosen rollout: as its collection
     starts, at an update (the first is the earliest point after collection), while the periodic
-    evaluation runs, or while a checkpoint is being written (``rollout=-1``: at the first such moment)."""
+    evaluation runs, while a checkpoint is being written (``rollout=-1``: at the first such moment),
+    or before training starts (``setup``: the Trainer's setup, after the env and models are built).
+
+    The signal is sent from a hook, so it arrives at a hook boundary; Python runs a handler between
+    bytecodes of the main thread anyway (a signal during a MuJoCo step or a matmul is handled when
+    that C call returns), so what differs between moments is the state of the loop, which these cover."""
 
     def __init__(self, signum: int, rollout: int, update: int = 0, moment: str = "update"):
         self.signum, self.rollout, self.update, self.moment, self.sent = signum, rollout, update, moment, False
@@ -44,6 +49,9 @@ class SignalAt(L.Callback):
                 return inner(trainer, pl_module)
             ev.evaluate = evaluate
 
+    def setup(self, trainer, pl_module, stage):
+        self._send(trainer, "setup")
+
     def on_train_epoch_start(self, trainer, pl_module):   # the rollout is collected right after
         self._send(trainer, "collection")
 
@@ -59,7 +67,8 @@ class SignalAt(L.Callback):
 MOMENTS = [
     (signal.SIGTERM, 1, 0, "update", (), 2), (signal.SIGUSR1, 1, 7, "update", (), 2),
     (signal.SIGINT, 2, 15, "update", (), 3),
-    (signal.SIGTERM, 1, 0, "collection", (), 2),
+    (signal.SIGUSR2, 1, 0, "collection", (), 2),   # submitit's signal
+    (signal.SIGTERM, 0, 0, "setup", (), 1),         # before training: the first rollout is finished
     (signal.SIGUSR1, 1, 0, "evaluation", ("evaluation.every_frames=1024",), 2),
     # the periodic checkpoint is written after the rollout's stop check: the next rollout finishes first
     (signal.SIGTERM, 0, 0, "checkpoint", ("checkpoint.every_n_rollouts=1",), 2),
@@ -71,7 +80,7 @@ MOMENTS = [
 def test_a_signal_checkpoints_and_the_resumed_run_ends_like_the_uninterrupted_one(small_cfg, tmp_path, signum,
                                                                                    rollout, update, moment, extra,
                                                                                    done):
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     over = (*OVER, "evaluation.attacks=[random]", "evaluation.episodes=2", *extra)
     whole = fit(small_cfg(*over, run_dir=tmp_path / "whole"))
     assert whole["status"] == "finished"

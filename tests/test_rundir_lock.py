@@ -40,14 +40,14 @@ def test_a_second_fit_into_a_run_dir_in_use_is_refused_and_writes_nothing(small_
     run, proc = held
     with pytest.raises(ConfigError, match=rf"hydra.run.dir={run} is in use by a running fit \(pid {proc.pid}\)"):
         fit(small_cfg(run_dir=run))
-    assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    assert not run.exists() or not any(run.iterdir())   # the lock is beside the run dir, not in it
 
 
 def test_a_sweep_skips_a_run_dir_in_use(small_cfg, held):
     run, _ = held
     out = fit(small_cfg("skip_finished=true", run_dir=run))
     assert out == {"skipped": True, "busy": True, "run_dir": str(run)}
-    assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    assert not run.exists() or not any(run.iterdir())
 
 
 def test_the_lock_is_released_when_its_holder_dies(small_cfg, held):
@@ -60,12 +60,43 @@ def test_the_lock_is_released_when_its_holder_dies(small_cfg, held):
     assert summary["status"] == "finished"
 
 
-def test_the_lock_follows_the_path_when_an_unfinished_run_is_moved_aside(tmp_path):
+def test_the_lock_stays_with_the_path_when_an_unfinished_run_is_moved_aside(tmp_path):
     run = RunDir(tmp_path / "run")
     with run.lock():
+        run.path.mkdir()
         (run.path / "metrics.jsonl").write_text("{}\n")
         moved = run.move_aside()
-        assert (run.path / ".lock").exists() and not (moved / ".lock").exists()
+        assert not run.path.exists() and sorted(p.name for p in moved.iterdir()) == ["metrics.jsonl"]
         with pytest.raises(RunDirBusy):
-            with RunDir(run.path).lock():   # still held: a second process is refused at the same path
+            with RunDir(run.path).lock():   # still held at the run dir's path, with no window between
                 pass
+    assert not run.lock_file.exists()   # removed on release
+    with RunDir(run.path).lock():
+        pass
+
+
+def test_a_lock_file_removed_by_its_releasing_holder_is_not_held_twice(tmp_path, monkeypatch):
+    """The unlink-on-release race: this process opens the lock file, its holder releases (removes
+    it) and a third process creates and locks a new one before this process's flock — which then
+    succeeds on the removed file. It must see that and be refused, not hold the run dir twice."""
+    import fcntl
+    import os
+
+    import prunerl.rundir as rundir
+
+    run = RunDir(tmp_path / "run")
+    run.lock_file.write_text("1")
+    real_flock, others = fcntl.flock, []
+
+    def released_meanwhile(fd, op):
+        if not others:
+            run.lock_file.unlink()   # the holder releases
+            others.append(os.open(run.lock_file, os.O_RDWR | os.O_CREAT, 0o644))
+            real_flock(others[0], fcntl.LOCK_EX)   # a third fit locks the new file
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(rundir.fcntl, "flock", released_meanwhile)
+    with pytest.raises(RunDirBusy):
+        with run.lock():
+            pass
+    os.close(others[0])
