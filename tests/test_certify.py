@@ -95,6 +95,21 @@ def test_relaxation_lines_sandwich_the_activation(l, w, relu):
     assert float((f - (k_up * z + b_up)).max()) <= 1e-12
 
 
+def test_tanh_relaxation_is_crowns_tight_one():
+    # soundness does not depend on the slopes (exact intercepts), tightness does: across 0 the upper
+    # line is the tangent through (l, tanh l) and the lower one the tangent through (u, tanh u); on
+    # the convex side (u ≤ 0) the upper line is the chord, on the concave side (l ≥ 0) the lower one
+    l = torch.tensor([-2.0, -0.5, -3.0, 0.5], dtype=torch.double)
+    u = torch.tensor([2.0, 0.5, -1.0, 3.0], dtype=torch.double)
+    k_lo, b_lo, k_up, b_up = relaxation(False, l, u)
+    cross = slice(0, 2)
+    assert torch.allclose((k_up * l + b_up)[cross], torch.tanh(l)[cross], atol=1e-6)
+    assert torch.allclose((k_lo * u + b_lo)[cross], torch.tanh(u)[cross], atol=1e-6)
+    for line_k, line_b, i in ((k_up, b_up, 2), (k_lo, b_lo, 3)):  # chords: through both endpoints
+        assert float(line_k[i] * l[i] + line_b[i]) == pytest.approx(float(torch.tanh(l[i])), abs=1e-12)
+        assert float(line_k[i] * u[i] + line_b[i]) == pytest.approx(float(torch.tanh(u[i])), abs=1e-12)
+
+
 def test_a_linear_network_is_bounded_exactly():
     # μ(s) = W s + b: each coordinate moves by exactly ±ε‖W_j‖₁ (at the corner ε·sign(W_j)), so IBP
     # and CROWN give the same, exact intervals, and the norm bound is ε‖|W|𝟙‖₂ = L̃_∞·ε
