@@ -28,6 +28,14 @@ Thm. 3's terms for the actor, α·c·L_par(θ,θ′)·‖Δθ‖ and α·c·L̃_
   A figure, not a violation.
 For magnitude-STE, "before" is the dense weights the new mask is applied to (what the STE
 trains), so a weight coming back is not counted as pruning.
+
+Per-state certificates (issue 14; ``prunerl.certify``): with the periodic figures, over the same
+recent states as the Jacobian norms, sound upper bounds Δ(s) on max_{ŝ∈B∞(s,ε)} ‖μ(ŝ)−μ(s)‖₂ by
+IBP and by CROWN (``certificates``), and the certified TV bound c·Δ(s) of Lemma 1; their mean,
+median and 95th percentile and the fraction of states with c·Δ(s) ≤ ``certificate_threshold`` go to
+the metrics (``lipschitz/cert_*``) beside the global L̃_∞·ε, and to summary.json's ``certificates``.
+Unlike L̃, they are bounds at the visited states only (not at every state), and not monotone under
+pruning.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import math
 import lightning as L
 import torch
 
+from prunerl.certify import (certified_deviation, certified_tv, check_certificate_settings, distribution)
 from prunerl.lipschitz import (certified_bound, gaussian_c, jacobian_norms, lipschitz_surrogate,
                                parameter_distance, path_sensitivity, robustness_alpha,
                                spectral_product)
@@ -48,17 +57,24 @@ BALL = "linf"  # the attacks' and the SA regulariser's ball: ‖ŝ−s‖∞ ≤
 class LipschitzCallback(L.Callback):
     def __init__(self, eps: float, gamma: float, r_max: float, every_n_updates: int = 256,
                  states: int = 128, path_states: int = 32, quadrature_points: int = 2,
-                 full_every_n_mask_updates: int = 16):
+                 full_every_n_mask_updates: int = 16, certificates=("ibp", "crown"),
+                 certificate_threshold: float = 0.1):
         """``eps``: the radius of the ℓ∞ ball the bounds are stated for; ``states``: recent
         normalised states for the Jacobian norms; ``path_states`` and ``quadrature_points``: the
         batch and Gauss–Legendre nodes of L_par; the spectral product and Jacobian norms
         before/after a mask update are taken at every ``full_every_n_mask_updates``-th one (L̃
-        and Thm. 3's terms at every one)."""
+        and Thm. 3's terms at every one); ``certificates``: the per-state certificate methods
+        (``prunerl.certify``: ``ibp``, ``crown``; empty: none) over the same ``states``, and
+        ``certificate_threshold`` the TV bound c·Δ(s) at or below which a state counts as certified."""
         for name, v in (("every_n_updates", every_n_updates), ("states", states), ("path_states", path_states),
                         ("quadrature_points", quadrature_points),
                         ("full_every_n_mask_updates", full_every_n_mask_updates)):
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"lipschitz.{name}={v!r} must be a positive integer")
+        self.certificates, self.certificate_threshold = check_certificate_settings(
+            list(certificates) if certificates is not None and not isinstance(certificates, str) else certificates,
+            certificate_threshold, prefix="lipschitz.")
+        self.latest_certificates: dict | None = None
         self.eps, self.gamma, self.r_max = float(eps), float(gamma), float(r_max)
         self.every_n_updates, self.states, self.path_states = every_n_updates, states, path_states
         self.quadrature_points, self.full_every = quadrature_points, full_every_n_mask_updates
@@ -111,6 +127,7 @@ class LipschitzCallback(L.Callback):
         """The periodic figures (also what ``summary`` reports at the end)."""
         alpha, c = self._constants(pl_module)
         actor, critic = pl_module.actor.mean_net, pl_module.critic.value_net
+        self.latest_certificates = None
         out = {
             "lipschitz/surrogate_actor": lipschitz_surrogate(actor),
             "lipschitz/surrogate_linf_actor": lipschitz_surrogate(actor, ball=BALL),
@@ -134,6 +151,23 @@ class LipschitzCallback(L.Callback):
             # estimate (no ½βε², states not exhaustive), not a bound
             out["lipschitz/jacobian_linf_max"] = float(jacobian_norms(actor, states, ball=BALL).max())
             out["lipschitz/local_estimate"] = alpha * c * out["lipschitz/jacobian_linf_max"] * self.eps
+            if self.certificates:
+                self.latest_certificates = self.certify(actor, states, c, out["lipschitz/surrogate_linf_actor"])
+                out.update(_flatten_certificates(self.latest_certificates))
+        return out
+
+    def certify(self, actor, states: torch.Tensor, c: float, surrogate_linf: float) -> dict:
+        """Issue 14: the per-state certificates over ``states`` — for each method the distribution
+        (mean, median, p95) of Δ(s) ≥ max_{ŝ∈B∞(s,ε)} ‖μ(ŝ)−μ(s)‖₂ and of the TV bound c·Δ(s), and
+        the fraction of states with c·Δ(s) ≤ ``certificate_threshold``; beside them the global
+        figures L̃_∞·ε and c·L̃_∞·ε that hold at every state."""
+        out = {"ball": BALL, "eps": self.eps, "states": int(states.shape[0]), "c": c,
+               "threshold": self.certificate_threshold,
+               "global": {"dmu": surrogate_linf * self.eps, "tv": c * surrogate_linf * self.eps}}
+        for method in self.certificates:
+            dev = certified_deviation(actor, states, self.eps, method)
+            out[method] = {"dmu": distribution(dev),
+                           "tv": distribution(certified_tv(dev, c), self.certificate_threshold)}
         return out
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -203,7 +237,7 @@ class LipschitzCallback(L.Callback):
     def summary(self, trainer, pl_module) -> dict:
         final = self.measure(trainer, pl_module)
         alpha, c = self._constants(pl_module)
-        strip = {k.removeprefix("lipschitz/"): v for k, v in final.items()}
+        strip = {k.removeprefix("lipschitz/"): v for k, v in final.items() if not k.startswith("lipschitz/cert_")}
         growth = None
         if self.after_last_update is not None:
             growth = {net: _ratio(final[f"lipschitz/surrogate_{net}"], self.after_last_update[net]) for net in NETWORKS}
@@ -215,6 +249,8 @@ class LipschitzCallback(L.Callback):
             "certified_bound_eps": self.eps,
             "certified_bound_l2ball": final["lipschitz/certified_bound_l2ball"],
             "obs_dim": self.obs_dim(pl_module),
+            # per-state certificates over the last rollout's states (None: no rollout, or none asked for)
+            "certificates": self.latest_certificates if self.certificates else None,
             "lipschitz": {
                 **strip,
                 "surrogate_at_pruning_start": self.at_pruning_start,
@@ -242,6 +278,19 @@ class LipschitzCallback(L.Callback):
         if self.after_last_update is None and self.last_update:
             self.after_last_update = {net: self.last_update[f"lipschitz/surrogate_{net}_after"] for net in NETWORKS}
         self.log_change = state.get("log_change", {net: {"training": 0.0, "pruning": 0.0} for net in NETWORKS})
+
+
+def _flatten_certificates(cert: dict) -> dict[str, float]:
+    """Metric rows: lipschitz/cert_{method}_{dmu,tv}_{mean,median,p95}, lipschitz/cert_{method}_certified_frac
+    and lipschitz/cert_global_{dmu,tv}."""
+    out = {f"lipschitz/cert_global_{k}": v for k, v in cert["global"].items()}
+    for method in ("ibp", "crown"):
+        if method in cert:
+            for q in ("dmu", "tv"):
+                for stat in ("mean", "median", "p95"):
+                    out[f"lipschitz/cert_{method}_{q}_{stat}"] = cert[method][q][stat]
+            out[f"lipschitz/cert_{method}_certified_frac"] = cert[method]["tv"]["frac_below"]
+    return out
 
 
 def _ratio(a: float, b: float) -> float:

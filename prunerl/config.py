@@ -148,6 +148,9 @@ def validate_fit(cfg: DictConfig) -> None:
     resolve_device(cfg.device)
     if cfg.get("evaluation") is not None:
         validate_attack_settings(cfg.evaluation, prefix="evaluation.")
+    lip = (cfg.get("callbacks") or {}).get("lipschitz")
+    if lip is not None:
+        validate_certificate_cfg(lip)
     if cfg.get("adversary") is not None and cfg.get("victim") is None:
         raise ConfigError("experiment=adversary needs victim=PATH (the checkpoint of the policy to attack)")
     if cfg.get("victim") is not None:
@@ -170,6 +173,19 @@ def validate_fit(cfg: DictConfig) -> None:
                               f"{sum(len(g['params']) for g in groups)} parameter tensors; this PruneRL "
                               "keeps one flat parameter buffer (written by an older version?) — "
                               "`evaluate` still reads it, but a run cannot continue from it")
+
+
+def validate_certificate_cfg(lip: DictConfig) -> None:
+    """``callbacks.lipschitz.certificates`` and ``.certificate_threshold`` (issue 14), before anything is written."""
+    from prunerl.certify import check_certificate_settings
+
+    methods = lip.get("certificates", ["ibp", "crown"])
+    if isinstance(methods, ListConfig):
+        methods = list(methods)
+    try:
+        check_certificate_settings(methods, lip.get("certificate_threshold", 0.1), prefix="callbacks.lipschitz.")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_pruning_cfg(p: DictConfig) -> None:

@@ -1,5 +1,6 @@
 """``python -m prunerl report runs=DIR out=DIR``: from a folder of run directories to the paper's
-sweet-spot tables (Tables 2 and 3), figures (Figs. 2–5, L̃ and the certified bound vs sparsity), CSVs
+sweet-spot tables (Tables 2 and 3), figures (Figs. 2–5, L̃ and the certified bound vs sparsity, the
+per-state certificates of issue 14 where the runs have them), CSVs
 of the aggregated numbers and a markdown summary with a computed verdict. Works offline from the
 run directory contract (config.yaml + summary.json); no W&B needed.
 
@@ -221,6 +222,27 @@ def make_figures(a: Analysis, out: Path, suffix: str) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7, title=lvl, title_fontsize=7)
         save(fig, f"lipschitz_{suffix}.png")
+
+    # issue 14: the median per-state certificate (IBP, CROWN) beside the global L̃_∞·ε, vs sparsity;
+    # runs from before the per-state certificates have none, and then there is no figure
+    if any(math.isfinite(p.stats[k][0]) for cv in curves for p in cv.points for k in ("cert_ibp", "cert_crown")):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        styles = (("cert_crown", "CROWN, median", "-"), ("cert_ibp", "IBP, median", "--"),
+                  ("cert_global", "global L̃_∞·ε", ":"))
+        for i, cv in enumerate(curves):
+            lab = _label(cv.method, labels[cv.variant], cv.kappa)
+            for ax, tv in zip(axes, ("", "_tv")):
+                for stat, name, ls in styles:
+                    if any(math.isfinite(p.stats[stat + tv][0]) for p in cv.points):
+                        band(ax, cv.points, stat + tv, label=f"{lab}: {name}", ls=ls, color=f"C{i % 10}")
+        axes[0].set(xlabel="sparsity (%)", ylabel="bound on max over the ℓ∞ ball of ‖μ(ŝ)−μ(s)‖₂", yscale="log",
+                    title=f"{title}: per-state vs global certificate")
+        axes[1].set(xlabel="sparsity (%)", ylabel="certified TV bound c·Δ (Lemma 1)", yscale="log",
+                    title=f"{title}: certified total variation")
+        for ax in axes:
+            ax.grid(alpha=0.3, which="both")
+        axes[0].legend(fontsize=6, title=f"medians over the last rollout's states; {lvl}", title_fontsize=6)
+        save(fig, f"certificates_{suffix}.png")
     return files
 
 

@@ -34,7 +34,10 @@ UNPRUNED = "none"
 # Where and how a run was written, not what it computed: left out when comparing configs.
 IGNORED = ("run_dir", "resume", "skip_finished", "hydra", "logger", "device", "torch_threads", "env.threads", "checkpoint",
            "victim", "trainer.accelerator", "trainer.devices", "trainer.enable_model_summary",
-           "trainer.log_every_n_steps", "callbacks.progress")
+           "trainer.log_every_n_steps", "callbacks.progress",
+           # what the Lipschitz callback measures, not what the run trained or evaluated; added with
+           # issue 14, so runs from before and after it stay one setting
+           "callbacks.lipschitz.certificates", "callbacks.lipschitz.certificate_threshold")
 # The sweep's own axes: a setting is everything else.
 AXES = ("seed", "algo.kappa", "pruning", "callbacks.pruning")
 # Pruning keys beside the method and its final sparsity: a curve is one (method, these) pair.
@@ -64,6 +67,9 @@ class Run:
     lipschitz: float | None
     bound: float | None
     actual_sparsity: float | None
+    # issue 14: median per-state certificates and the global figure (CERTIFICATE_FIGURES); empty
+    # for runs from before them
+    certificates: dict[str, float] = field(default_factory=dict)
 
     @property
     def interval(self):
@@ -152,6 +158,28 @@ def _lipschitz_value(v):
     if isinstance(v, dict):
         v = v.get("actor", next(iter(v.values()), None))
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+
+# The report's certificate figures (issue 14) and where summary.json's ``certificates`` holds them:
+# the median over the last rollout's states of the per-state bound Δ(s) on ‖μ(ŝ)−μ(s)‖₂ (IBP, CROWN)
+# and the global L̃_∞·ε; ``_tv``: the same times c (the certified TV bounds).
+CERTIFICATE_FIGURES = {
+    "cert_ibp": ("ibp", "dmu", "median"), "cert_crown": ("crown", "dmu", "median"), "cert_global": ("global", "dmu"),
+    "cert_ibp_tv": ("ibp", "tv", "median"), "cert_crown_tv": ("crown", "tv", "median"),
+    "cert_global_tv": ("global", "tv"),
+}
+
+
+def _certificate_values(s: dict) -> dict[str, float]:
+    cert = s.get("certificates")
+    if not isinstance(cert, dict):
+        return {}
+    out = {}
+    for name, path in CERTIFICATE_FIGURES.items():
+        v = _get(cert, *path)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[name] = float(v)
+    return out
 
 
 def _evaluation(clean, attacks) -> Evaluation | None:
@@ -280,6 +308,7 @@ def _run(run_dir: Path, fp: str, cfg: dict, s: dict) -> Run:
         # of radius ε — not a certificate for the attacks' ball, so not read as one
         bound=_lipschitz_value(s.get("certified_bound")) if s.get("certified_bound_ball") == "linf" else None,
         actual_sparsity=_get(s, "sparsity", "global"),
+        certificates=_certificate_values(s),
     )
 
 

@@ -47,7 +47,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from prunerl.runset import UNPRUNED, Run, Setting
+from prunerl.runset import CERTIFICATE_FIGURES, UNPRUNED, Run, Setting
 
 NORMALIZE = ("sa", "same_kappa")
 
@@ -96,7 +96,7 @@ class Cell:
 
 def _columns(attacks: list[str]) -> list[str]:
     return ["clean", *(f"attack:{a}" for a in attacks), "worst", "avg_attack", "lipschitz", "bound",
-            "actual_sparsity"]
+            "actual_sparsity", *CERTIFICATE_FIGURES]
 
 
 def _values(run: Run, mode: str, attacks: list[str]) -> list[float]:
@@ -105,7 +105,8 @@ def _values(run: Run, mode: str, attacks: list[str]) -> list[float]:
     worst = min(atk) if atk and all(math.isfinite(x) for x in atk) else math.nan
     avg = float(np.mean(atk)) if atk else math.nan
     f = lambda x: math.nan if x is None else float(x)  # noqa: E731
-    return [ev.clean, *atk, worst, avg, f(run.lipschitz), f(run.bound), f(run.actual_sparsity)]
+    return [ev.clean, *atk, worst, avg, f(run.lipschitz), f(run.bound), f(run.actual_sparsity),
+            *(f(run.certificates.get(k)) for k in CERTIFICATE_FIGURES)]
 
 
 def _bootstrap(cell: Cell, mode: str, attacks: list[str], resamples: int, seed: int) -> None:
@@ -196,7 +197,8 @@ def _point(cell: Cell, ref: Cell | None, attacks: list[str]) -> Point:
     m = cell.mean
     nan = np.full_like(m["clean"], np.nan)
     st = {"clean": m["clean"], "worst": m["worst"], "avg_attack": m["avg_attack"],
-          "lipschitz": m["lipschitz"], "bound": m["bound"], "actual_sparsity": m["actual_sparsity"]}
+          "lipschitz": m["lipschitz"], "bound": m["bound"], "actual_sparsity": m["actual_sparsity"],
+          **{k: m[k] for k in CERTIFICATE_FIGURES}}
     for a in attacks:
         st[f"attack:{a}"] = m[f"attack:{a}"]
     if ref is None:
@@ -439,7 +441,8 @@ def _aggregated_rows(a: Analysis, ref_for, labels) -> list[dict]:
             _with_ci(row, f"{atk}_mean", p.stats[f"attack:{atk}"], a.level, p.n_for("attack"))
             _with_ci(row, f"norm_{atk}", p.stats[f"norm:{atk}"], a.level, p.n_for("norm"))
         for name, stat in (("lipschitz_mean", "lipschitz"), ("bound_mean", "bound"),
-                           ("actual_sparsity_mean", "actual_sparsity")):
+                           ("actual_sparsity_mean", "actual_sparsity"),
+                           *((f"{k}_mean", k) for k in CERTIFICATE_FIGURES)):
             _with_ci(row, name, p.stats[stat], a.level, p.n_for(stat))
         rows.append(row)
     rows.sort(key=lambda r: (r["kappa"], r["method"] != UNPRUNED, r["method"], str(r["interval"]), r["sparsity"]))

@@ -31,6 +31,10 @@ def cli(*args, cwd=None):
         (["device=tpu"], "device='tpu' is not allowed; allowed: ['auto', 'cpu', 'cuda']"),
         (["algo.model.activation=gelu"], "algo.model.activation='gelu' is not allowed"),
         (["resume=/no/such/file.ckpt"], "resume=/no/such/file.ckpt does not exist"),
+        (["callbacks.lipschitz.certificates=[ibp,lp]"],
+         "callbacks.lipschitz.certificates=['ibp', 'lp']: 'lp' is not a certificate method; allowed: ['ibp', 'crown']"),
+        (["callbacks.lipschitz.certificate_threshold=2"],
+         "callbacks.lipschitz.certificate_threshold=2 is not allowed: a total-variation distance, so a number in (0, 1]"),
     ],
 )
 def test_bad_config_values_fail_before_anything_is_written(small_cfg, tmp_path, overrides, message):

@@ -254,3 +254,17 @@ def test_a_real_runs_certified_bound_is_for_the_attacks_linf_ball(small_cfg, tmp
         assert r["lipschitz/jacobian_linf_max"] > r["lipschitz/jacobian_max"]  # ‖|J|𝟙‖₂ ≥ ‖J‖_F ≥ ‖J‖_op
         assert r["lipschitz/certified_bound"] == pytest.approx(
             alpha * r["lipschitz/c"] * r["lipschitz/surrogate_linf_actor"] * eps, rel=1e-6)
+        # issue 14: per-state certificates beside L̃ — CROWN ≤ IBP ≤ the global L̃_∞·ε, TV = c·Δ
+        assert r["lipschitz/cert_global_dmu"] == pytest.approx(r["lipschitz/surrogate_linf_actor"] * eps, rel=1e-9)
+        for stat in ("mean", "median", "p95"):
+            crown, ibp = r[f"lipschitz/cert_crown_dmu_{stat}"], r[f"lipschitz/cert_ibp_dmu_{stat}"]
+            assert 0 < crown <= ibp * (1 + 1e-9) and ibp <= r["lipschitz/cert_global_dmu"] * (1 + 1e-9)
+            assert r[f"lipschitz/cert_crown_tv_{stat}"] == pytest.approx(r["lipschitz/c"] * crown, rel=1e-9)
+        assert 0 <= r["lipschitz/cert_ibp_certified_frac"] <= r["lipschitz/cert_crown_certified_frac"] <= 1
+    # ...and the last of them in summary.json, from the final weights
+    cert = on_disk["certificates"]
+    assert cert["ball"] == "linf" and cert["eps"] == eps and cert["threshold"] == 0.1 and cert["states"] > 0
+    assert cert["c"] == pytest.approx(c, rel=1e-6)
+    assert cert["global"]["dmu"] == pytest.approx(on_disk["lipschitz_surrogate_linf"] * eps, rel=1e-9)
+    assert cert["crown"]["dmu"]["median"] <= cert["ibp"]["dmu"]["median"] <= cert["global"]["dmu"]
+    assert cert["crown"]["tv"]["median"] == pytest.approx(c * cert["crown"]["dmu"]["median"], rel=1e-6)

@@ -34,7 +34,7 @@ def write_run(base_cfg):
 
     def write(root, name, *, method="magnitude", sparsity=0.5, seed=0, kappa=0.3, clean, attacks, interval=15,
               eps=None, frames=None, deterministic=True, episodes=10, lipschitz=None, bound=None,
-              stochastic=None, victim=None, env="hopper", device="cpu", ball="linf"):
+              stochastic=None, victim=None, env="hopper", device="cpu", ball="linf", certificates=None):
         d = Path(root) / name
         cfg = OmegaConf.create(base_cfg)
         cfg.seed, cfg.algo.kappa, cfg.device = seed, kappa, device
@@ -63,6 +63,13 @@ def write_run(base_cfg):
         }
         if ball is not None:  # older summaries have no certified_bound_ball
             summary["certified_bound_ball"] = ball
+        if certificates is not None:  # (ibp median, crown median, global) of ‖Δμ‖₂; c = 2
+            ibp, crown, glob = certificates
+            summary["certificates"] = {
+                "ball": "linf", "eps": cfg.env.eps, "c": 2.0, "threshold": 0.1, "states": 128,
+                "global": {"dmu": glob, "tv": 2 * glob},
+                "ibp": {"dmu": {"median": ibp}, "tv": {"median": 2 * ibp}},
+                "crown": {"dmu": {"median": crown}, "tv": {"median": 2 * crown}}}
         if stochastic is not None:
             summary["evaluation_stochastic"] = {"clean_return": stochastic[0], "attack_returns": stochastic[1]}
         run.write_summary(summary)
@@ -567,10 +574,13 @@ def test_report_on_small_real_runs(small_cfg, tmp_path):
     assert float(agg["0.5"]["lipschitz_mean"]) == pytest.approx(mean(lambda x: x["lipschitz_surrogate"], 0.5))
     for name in ("summary.md", "table2_sweet_spots.md", "table3_worst_seed.md", "aggregated.csv", "runs.csv",
                  "verdict.csv", "fig2_frontier_inverted_pendulum.png", "fig3_attacks_inverted_pendulum.png",
-                 "lipschitz_inverted_pendulum.png"):
+                 "lipschitz_inverted_pendulum.png", "certificates_inverted_pendulum.png"):
         assert (out / name).stat().st_size > 0, name
+    assert float(agg["0.5"]["cert_crown_mean"]) == pytest.approx(
+        mean(lambda x: x["certificates"]["crown"]["dmu"]["median"], 0.5))
     csv_text = (out / "aggregated.csv").read_text()
-    for col in ("random_mean", "mad_mean_lo", "lipschitz_mean_hi", "bound_mean", "robust_worst_lo"):
+    for col in ("random_mean", "mad_mean_lo", "lipschitz_mean_hi", "bound_mean", "robust_worst_lo",
+                "cert_ibp_mean", "cert_global_tv_mean_hi"):
         assert col in csv_text
 
 
@@ -584,3 +594,35 @@ def test_an_older_runs_l2_ball_figure_is_not_read_as_the_certified_bound(tmp_pat
     runs = {r.path.name: r for r in read_runs(tmp_path).runs}
     assert runs["new"].bound == 30.0 and runs["old"].bound is None
     assert runs["old"].lipschitz == 2.0  # L̃ itself is the same quantity in both
+
+
+def test_per_state_certificates_vs_sparsity_and_older_runs_without_them(tmp_path, write_run):
+    """Issue 14: the certificates figure and columns come from summary.json's ``certificates``;
+    runs from before it (no such entry, no certificate keys in their config) are read, kept in the
+    same setting, and get no figure."""
+    import yaml
+
+    from prunerl.runset import read_runs, settings
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    for seed in (0, 1):
+        for sp, cert in ((0.0, (1.0, 0.1, 30.0)), (0.5, (0.8, 0.05, 20.0))):
+            write_run(new, f"m{sp}_s{seed}", sparsity=sp, seed=seed, clean=1.0, attacks={"mad": 1.0},
+                      certificates=tuple(x * (1 + seed) for x in cert))
+            d = write_run(old, f"m{sp}_s{seed}", sparsity=sp, seed=seed, clean=1.0, attacks={"mad": 1.0})
+            cfg = yaml.safe_load((d / "config.yaml").read_text())
+            if seed:  # a config from before the certificate keys: still the same setting
+                del cfg["callbacks"]["lipschitz"]["certificates"], cfg["callbacks"]["lipschitz"]["certificate_threshold"]
+                (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert len(settings(read_runs(old).runs)) == 1
+    runs = {r.path.name: r for r in read_runs(new).runs}
+    assert runs["m0.5_s1"].certificates == {"cert_ibp": 1.6, "cert_crown": 0.1, "cert_global": 40.0,
+                                            "cert_ibp_tv": 3.2, "cert_crown_tv": 0.2, "cert_global_tv": 80.0}
+    r = report(new, tmp_path / "out_new", resamples=200)
+    assert str(tmp_path / "out_new" / "certificates_hopper.png") in r["figures"]
+    agg = {row["sparsity"]: row for row in rows(tmp_path / "out_new" / "aggregated.csv")}
+    assert float(agg["0.5"]["cert_crown_mean"]) == pytest.approx(0.075)  # mean over seeds of 0.05, 0.1
+    assert float(agg["0.0"]["cert_global_tv_mean"]) == pytest.approx(90.0)
+    r = report(old, tmp_path / "out_old", resamples=200)
+    assert r["runs"] == 4 and not any(Path(f).name.startswith("certificates") for f in r["figures"])
+    assert rows(tmp_path / "out_old" / "aggregated.csv")[0]["cert_crown_mean"] == ""
