@@ -12,7 +12,7 @@ from prunerl.pruning import (cubic_sparsity, neuron_counts, neuron_masks, neuron
                              zeroed_by_units)
 from prunerl.report import report
 from prunerl.rundir import read_metrics
-from tests.conftest import SMALL, FakeTrainer, TinyModule, callback_steps, compose_cfg
+from tests.conftest import FakeTrainer, TinyModule, callback_steps
 from tests.test_report import base_cfg, write_run  # noqa: F401 — fixtures: run directories as `fit` writes them
 
 SHAPES = [[(64, 4), (64, 64), (1, 64)], [(256, 11), (256, 256), (3, 256)], [(32, 5), (48, 32), (16, 48), (2, 16)]]
@@ -93,15 +93,6 @@ def test_neuron_with_another_allocation_is_refused(small_cfg, tmp_path):
                                           r"allowed: \['layer'\]"):
         fit(small_cfg("pruning=neuron", "pruning.allocation=erk"))
     assert not (tmp_path / "run").exists()
-
-
-@pytest.fixture(scope="module")
-def neuron_run(tmp_path_factory):
-    """A short real fit: InvertedPendulum, 4 rollouts of 1,024 frames, 64-wide nets, neuron 70%."""
-    run = tmp_path_factory.mktemp("neuron") / "run"
-    summary = fit(compose_cfg(run, *SMALL, "total_frames=4096", "pruning=neuron", "pruning.final_sparsity=0.7",
-                              "algo.kappa=0", "++callbacks.evaluation=null"))
-    return run, summary
 
 
 def test_real_fit_removes_whole_units_to_the_target_and_passes_the_checks(neuron_run):
