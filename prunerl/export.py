@@ -255,27 +255,17 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def export_policy(ckpt: dict, fmt: str, out: Path, *, source: str = "", n_check: int = 256) -> dict:
-    """Write the checkpoint's μ(s) (compacted) to ``out``, checked and atomically; what was written."""
+def write_policy(full: DeterministicPolicy, fmt: str, out: Path, metadata: dict | None = None, *,
+                 n_check: int = 256) -> dict:
+    """Write ``full`` (compacted: :func:`compact_mlp`) to ``out`` as ``fmt``, checked against ``full``
+    on ``n_check`` states before it is renamed into place; what was written."""
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r} is not allowed; allowed: {list(FORMATS)}")
-    full, cfg = policy_from_checkpoint(ckpt)
     small = DeterministicPolicy(full.obs_mean, full.obs_std, full.clip, compact_mlp(full.mean_net))
     lin = _linears(full.mean_net)
-    zero = sum(int((m.weight == 0).sum()) for m in lin)
-    total = sum(m.weight.numel() for m in lin)
-    pruning = cfg.get("pruning") or {}
-    meta = {
-        "what": "deterministic policy mu(s): raw observation [batch, obs_dim] float32 -> mean action "
-                "[batch, act_dim]; normalise with obs_mean/obs_std, clip to +-clip_obs, then the MLP; "
-                "actions are not clipped to the action bounds",
-        "checkpoint": source, "env": cfg.get("env", {}).get("name"), "env_id": cfg.get("env", {}).get("id"),
-        "frames": ckpt["prunerl"].get("frames"), "clip_obs": full.clip,
-        "activation": cfg["algo"]["model"]["activation"],
-        "widths_checkpoint": widths(full.mean_net), "widths": widths(small.mean_net),
-        "pruning": {"criterion": pruning.get("criterion"), "final_sparsity": pruning.get("final_sparsity")},
-        "weight_sparsity": zero / total,
-    }
+    meta = {**(metadata or {}), "clip_obs": full.clip, "widths_checkpoint": widths(full.mean_net),
+            "widths": widths(small.mean_net),
+            "weight_sparsity": sum(int((m.weight == 0).sum()) for m in lin) / sum(m.weight.numel() for m in lin)}
     states = check_states(full, n_check)
     with torch.no_grad():
         reference = full(states)
@@ -285,12 +275,28 @@ def export_policy(ckpt: dict, fmt: str, out: Path, *, source: str = "", n_check:
         got = run_file(tmp, fmt, states)
         err = None if got is None else float((got - reference).abs().max())
         if err is not None and not err <= TOLERANCE:
-            raise RuntimeError(f"the written {fmt} policy differs from the checkpoint's by {err:.3g} "
+            raise RuntimeError(f"the written {fmt} policy differs from the in-process one by {err:.3g} "
                                f"(> {TOLERANCE}); nothing was written")
     return {"path": str(out), "format": fmt, "bytes": out.stat().st_size, "metadata": meta,
             "parameters_checkpoint": parameter_count(full.mean_net), "parameters": parameter_count(small.mean_net),
             "max_abs_diff": err, "checked_on": n_check, "checker": None if got is None else
             ("onnxruntime" if fmt == "onnx" else "torch.jit.load")}
+
+
+def export_policy(ckpt: dict, fmt: str, out: Path, *, source: str = "", n_check: int = 256) -> dict:
+    """Write a loaded checkpoint's μ(s) to ``out`` (:func:`write_policy`)."""
+    full, cfg = policy_from_checkpoint(ckpt)
+    pruning = cfg.get("pruning") or {}
+    env = cfg.get("env") or {}
+    meta = {
+        "what": "deterministic policy mu(s): raw observation [batch, obs_dim] float32 -> mean action "
+                "[batch, act_dim]; normalise with obs_mean/obs_std, clip to +-clip_obs, then the MLP; "
+                "actions are not clipped to the action bounds",
+        "checkpoint": source, "env": env.get("name"), "env_id": env.get("id"),
+        "frames": ckpt["prunerl"].get("frames"), "activation": cfg["algo"]["model"]["activation"],
+        "pruning": {"criterion": pruning.get("criterion"), "final_sparsity": pruning.get("final_sparsity")},
+    }
+    return write_policy(full, fmt, out, meta, n_check=n_check)
 
 
 def export(cfg) -> dict:
