@@ -139,3 +139,18 @@ def test_report_lists_neuron_beside_the_elementwise_methods(tmp_path, write_run)
     assert {v["method"] for v in result["verdicts"]} == {"magnitude", "neuron"}
     table = (tmp_path / "report" / "table2_sweet_spots.md").read_text()
     assert "neuron" in table and "magnitude" in table
+
+
+def test_a_resumed_neuron_run_continues_bit_for_bit(small_cfg, tmp_path):
+    # 3 rollouts of 16 updates; mask updates at t = 19, 26, 33, 36; resumed after t = 32
+    common = ["total_frames=3072", "pruning=neuron", "pruning.final_sparsity=0.7", "pruning.interval=7",
+              "algo.kappa=0", "checkpoint.every_n_rollouts=1", "++callbacks.evaluation=null"]
+    fit(small_cfg(*common, run_dir=tmp_path / "full"))
+    mid = sorted((tmp_path / "full" / "checkpoints").glob("rollout*.ckpt"))[1]
+    masks = torch.load(mid, weights_only=False)["callbacks"]["PruningCallback"]["masks"]
+    assert "actor.mean_net.2.bias" in masks and not masks["actor.mean_net.2.bias"].all()  # bias masks travel
+    summary = fit(small_cfg(*common, f"resume={mid}", "seed=3", run_dir=tmp_path / "resumed"))
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert summary["pruning"]["mask_updates"] == 4 and summary["pruning_checks"] == dict.fromkeys(CHECKS, 0)
