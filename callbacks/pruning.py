@@ -101,7 +101,7 @@ class PruningCallback(L.Callback):
         self.burn_in, self.end, self.interval = burn_in, end, interval
         self.allocation, self.scope, self.seed = allocation, scope, seed
         self.listeners: list = []
-        self.params: dict[str, nn.Parameter] = {}   # pruned weight matrices by state_dict name
+        self.params: dict[str, nn.Parameter] = {}   # masked tensors by state_dict name (weights; neuron: + hidden biases)
         self.groups: dict[str, list[str]] = {}      # network -> its pruned weight names (each meets the target)
         self.unit_biases: dict[str, list[str]] = {} # network -> its hidden layers' bias names (neuron only)
         self.masks: dict[str, torch.Tensor] = {}
