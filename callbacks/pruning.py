@@ -13,6 +13,12 @@ A pruned network trains exactly like a dense network of its surviving weights:
    one-shot), new masks are computed from the criterion's scores and applied, and listeners
    (the Lipschitz callback) are told, with the weights as they were just before.
 
+Neuron pruning (``criterion="neuron"``, structured) removes whole hidden units on the same
+schedule: its masks cover the weight matrices *and* the hidden layers' biases (a removed unit's
+row, bias entry and outgoing column are zeroed; ``prunerl.pruning.neuron_masks``), and everything
+below — gradients, Adam's moments, reapplying after each step, the checks — treats those bias
+masks exactly like the weight masks. The target still counts weights.
+
 Magnitude-STE keeps dense weights here: the module always holds W⊙M (forward, rollouts,
 checkpoints' ``state_dict``, evaluation), the gradient of the masked weights is applied to the
 dense ones (straight-through: the dense gradient is not masked, the dense weights are swapped in
@@ -31,8 +37,10 @@ Integrity checks (``checks``; cumulative counts of faults, each 0 in a correct r
 - ``pruned_nonzero_on_resume``: pruned entries non-zero in the weights a resumed run loaded;
 - ``mask_regrown_entries``: entries a mask update un-pruned (not magnitude-STE: masks must be
   nested, a pruned weight never comes back);
-- ``mask_count_off_entries``: Σ over mask updates and networks of |entries pruned −
-  round(target · entries)|: each update must prune exactly the scheduled number.
+- ``mask_count_off_entries``: Σ over mask updates and networks of |weights pruned −
+  round(target · weights)|: each update must prune exactly the scheduled number. Neuron pruning
+  removes whole units, so it may miss by up to half of one unit's weights
+  (``prunerl.pruning.unit_tolerance``); only what lies beyond that is counted.
 """
 
 from __future__ import annotations
@@ -43,9 +51,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from prunerl.pruning import (ALLOCATIONS, CRITERIA, SCOPES, compute_masks, is_mask_update,
-                             magnitude_scores, random_scores, saliency_scores, schedule_bounds,
-                             scheduled_sparsity, sparsity_of)
+from prunerl.pruning import (ALLOCATIONS, CRITERIA, SCOPES, STRUCTURED, compute_masks, is_mask_update,
+                             magnitude_scores, neuron_masks, random_scores, saliency_scores,
+                             schedule_bounds, scheduled_sparsity, sparsity_of, unit_tolerance)
 
 NETWORKS = {"actor": "actor.mean_net", "critic": "critic.value_net"}
 CHECKS = ("pruned_nonzero_after_step", "pruned_nonzero_at_rollout_end", "pruned_nonzero_on_resume",
@@ -71,6 +79,9 @@ def validate_pruning(criterion: str, final_sparsity: float, burn_in: float, end:
         raise ValueError(f"pruning.allocation={allocation!r} is not allowed; allowed: {list(ALLOCATIONS)}")
     if scope not in SCOPES:
         raise ValueError(f"pruning.scope={scope!r} is not allowed; allowed: {list(SCOPES)}")
+    if criterion in STRUCTURED and allocation != "layer":
+        raise ValueError(f"pruning.allocation={allocation!r} is not allowed with pruning.criterion={criterion!r}; "
+                         "allowed: ['layer'] (units are removed evenly across the hidden layers)")
     if not 0.0 <= final_sparsity < 1.0:
         raise ValueError(f"pruning.final_sparsity={final_sparsity} is outside [0, 1)")
     if not 0.0 <= burn_in < 1.0:
@@ -90,8 +101,9 @@ class PruningCallback(L.Callback):
         self.burn_in, self.end, self.interval = burn_in, end, interval
         self.allocation, self.scope, self.seed = allocation, scope, seed
         self.listeners: list = []
-        self.params: dict[str, nn.Parameter] = {}   # pruned weight matrices by state_dict name
-        self.groups: dict[str, list[str]] = {}      # network -> its pruned names (each meets the target)
+        self.params: dict[str, nn.Parameter] = {}   # masked tensors by state_dict name (weights; neuron: + hidden biases)
+        self.groups: dict[str, list[str]] = {}      # network -> its pruned weight names (each meets the target)
+        self.unit_biases: dict[str, list[str]] = {} # network -> its hidden layers' bias names (neuron only)
         self.masks: dict[str, torch.Tensor] = {}
         self.dense: dict[str, torch.Tensor] = {}    # magnitude-STE's dense weights
         self.saliency_sum: dict[str, torch.Tensor] = {}
@@ -113,6 +125,10 @@ class PruningCallback(L.Callback):
     def ste(self) -> bool:
         return self.criterion == "magnitude_ste"
 
+    @property
+    def structured(self) -> bool:
+        return self.criterion in STRUCTURED
+
     def add_mask_listener(self, fn) -> None:
         """``fn(trainer, pl_module, MaskUpdate)`` runs right after each mask update is applied."""
         if fn not in self.listeners:
@@ -122,13 +138,17 @@ class PruningCallback(L.Callback):
     def setup(self, trainer, pl_module, stage=None):
         nets = ("actor", "critic") if self.scope == "both" else (self.scope,)
         named = dict(pl_module.named_parameters())
-        self.params, self.groups = {}, {}
+        self.params, self.groups, self.unit_biases = {}, {}, {}
         for net in nets:
             prefix = NETWORKS[net]
             seq = pl_module.get_submodule(prefix)
-            names = [f"{prefix}.{i}.weight" for i, m in enumerate(seq) if isinstance(m, nn.Linear)]
+            linear = [i for i, m in enumerate(seq) if isinstance(m, nn.Linear)]
+            names = [f"{prefix}.{i}.weight" for i in linear]
             self.groups[net] = names
             self.params.update({n: named[n] for n in names})
+            if self.structured:  # a removed unit's bias entry is masked too (all but the output layer)
+                self.unit_biases[net] = [f"{prefix}.{i}.bias" for i in linear[:-1]]
+                self.params.update({n: named[n] for n in self.unit_biases[net]})
         self.t_start, self.t_end = schedule_bounds(pl_module.total_updates, self.burn_in, self.end)
 
     def on_train_start(self, trainer, pl_module):
@@ -264,19 +284,28 @@ class PruningCallback(L.Callback):
     def _update_masks(self, trainer, pl_module, t: int) -> None:
         target = scheduled_sparsity(t, self.t_start, self.t_end, self.final_sparsity, self.interval)
         before = {n: (self.dense[n] if n in self.dense else p).detach().clone() for n, p in self.params.items()}
-        scores = self._scores(before)
         ste = self.criterion == "magnitude_ste"
         new: dict[str, torch.Tensor] = {}
-        for names in self.groups.values():
-            previous = None if ste or not self.masks else {n: self.masks[n] for n in names}
-            new.update(compute_masks({n: scores[n] for n in names}, target, self.allocation, previous))
+        if self.structured:  # whole hidden units: weight masks and the hidden biases' masks
+            for net, names in self.groups.items():
+                biases = self.unit_biases[net]
+                previous = [self.masks[n] for n in biases] if self.masks else None
+                weight_masks, units = neuron_masks([before[n] for n in names], target, previous)
+                new.update(zip(names, weight_masks))
+                new.update(zip(biases, units))
+        else:
+            scores = self._scores(before)
+            for names in self.groups.values():
+                previous = None if ste or not self.masks else {n: self.masks[n] for n in names}
+                new.update(compute_masks({n: scores[n] for n in names}, target, self.allocation, previous))
         self.regrown = sum(int((m & ~self.masks[n]).sum()) for n, m in new.items()) if self.masks else 0
         if not ste:  # nested masks: a pruned weight never comes back
             self.checks["mask_regrown_entries"] += self.regrown
         for names in self.groups.values():  # exactly the scheduled number pruned in each network
             size = sum(new[n].numel() for n in names)
             pruned = sum(int((~new[n]).sum()) for n in names)
-            self.checks["mask_count_off_entries"] += abs(pruned - round(target * size))
+            slack = unit_tolerance([tuple(new[n].shape) for n in names]) if self.structured else 0
+            self.checks["mask_count_off_entries"] += max(0, abs(pruned - round(target * size)) - slack)
         if ste and not self.dense:
             self.dense = {n: b.clone() for n, b in before.items()}
         self.masks, self._mult = new, {}
@@ -305,24 +334,32 @@ class PruningCallback(L.Callback):
 
     # -- logs and summary --------------------------------------------------------------------
     def sparsity_report(self, pl_module) -> dict:
-        """Actual sparsity (exact zeros) of the Linear weights: global, actor, critic, per layer."""
+        """Actual sparsity (exact zeros) of the Linear weights: global, actor, critic, per layer; and
+        per hidden layer the fraction of its units that are removed (row, bias entry and outgoing
+        column all exactly zero — what neuron pruning does; ~0 under elementwise pruning)."""
         layers: dict[str, float] = {}
+        units: dict[str, float] = {}
         zeros = {"actor": 0, "critic": 0}
         sizes = {"actor": 0, "critic": 0}
         for net, prefix in NETWORKS.items():
-            for i, m in enumerate(pl_module.get_submodule(prefix)):
-                if isinstance(m, nn.Linear):
-                    z = int((m.weight == 0).sum())
-                    layers[f"{prefix}.{i}"] = z / m.weight.numel()
-                    zeros[net] += z
-                    sizes[net] += m.weight.numel()
+            linear = [(i, m) for i, m in enumerate(pl_module.get_submodule(prefix)) if isinstance(m, nn.Linear)]
+            for (i, m), nxt in zip(linear, [*linear[1:], None]):
+                z = int((m.weight == 0).sum())
+                layers[f"{prefix}.{i}"] = z / m.weight.numel()
+                zeros[net] += z
+                sizes[net] += m.weight.numel()
+                if nxt is not None:
+                    gone = (m.weight == 0).all(1) & (m.bias == 0) & (nxt[1].weight == 0).all(0)
+                    units[f"{prefix}.{i}"] = float(gone.float().mean())
+        weight_masks = {n: m for n, m in self.masks.items() if n.endswith(".weight")}
         return {
             "global": sum(zeros.values()) / sum(sizes.values()),
             "actor": zeros["actor"] / sizes["actor"],
             "critic": zeros["critic"] / sizes["critic"],
             "target": self.target,
-            "masks": sparsity_of(self.masks) if self.masks else 0.0,
+            "masks": sparsity_of(weight_masks) if weight_masks else 0.0,
             "layers": layers,
+            "units_removed": units,
         }
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -340,6 +377,8 @@ class PruningCallback(L.Callback):
                      "prune/sparsity_actor": rep["actor"], "prune/sparsity_critic": rep["critic"],
                      "prune/mask_updates": float(self.mask_updates)})
         rows.update({f"prune/sparsity/{k}": v for k, v in rep["layers"].items()})
+        if self.structured:
+            rows.update({f"prune/units_removed/{k}": v for k, v in rep["units_removed"].items()})
         if self.criterion == "magnitude_ste":
             rows["prune/regrown"] = float(self.regrown)
 

@@ -26,13 +26,16 @@ def load_checkpoint(path, key: str = "checkpoint") -> dict:
 
     ``key`` names the setting the path came from (``checkpoint``, ``resume``, ``victim``)."""
     p = Path(str(path)).expanduser()
+    expected = "expected a .ckpt written by `python -m prunerl fit`"
     if not p.is_file():
-        raise ConfigError(f"{key}={path} does not exist" if not p.exists()
-                          else f"{key}={path} is not a file")
+        raise ConfigError(f"{key}={path} does not exist; {expected}" if not p.exists()
+                          else f"{key}={path} is not a file; {expected}")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 — any unpickling failure means the file is unusable
-        raise ConfigError(f"{key}={path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        why = (str(e).strip().splitlines() or [""])[0]  # the error stays one line
+        raise ConfigError(f"{key}={path} is not a readable checkpoint ({type(e).__name__}: {why}); "
+                          f"{expected}") from None
     if not isinstance(ckpt, dict) or "prunerl" not in ckpt or "state_dict" not in ckpt:
         raise ConfigError(f"{key}={path} is not a PruneRL checkpoint (no 'prunerl' entry); "
                           "expected a .ckpt written by `python -m prunerl fit`")
@@ -53,9 +56,10 @@ def normalizer_state(ckpt: dict) -> dict:
     return ckpt[ckpt["prunerl"]["datamodule_key"]]["normalizer"]
 
 
-def frozen_normalizer(state: dict) -> RunningNormalizer:
-    """A :class:`RunningNormalizer` with ``state``'s statistics, frozen (evaluation never moves them)."""
-    norm = RunningNormalizer(state["obs_mean"].shape[-1], 1)
+def frozen_normalizer(state: dict, clip: float = 10.0) -> RunningNormalizer:
+    """A :class:`RunningNormalizer` with ``state``'s statistics, frozen (evaluation never moves them);
+    ``clip``: the run's ``env.clip_obs``."""
+    norm = RunningNormalizer(state["obs_mean"].shape[-1], 1, clip=clip)
     return norm.load_statistics(state).freeze()
 
 

@@ -1,6 +1,7 @@
-"""The command line: ``python -m prunerl {fit,evaluate} [overrides]`` and ``--help``.
+"""The command line: ``python -m prunerl {fit,evaluate,report,export} [overrides]`` and ``--help``.
 
-Each command is a thin Hydra wrapper around a plain function (``fit(cfg)``, ``evaluate(cfg)``).
+Each command is a thin Hydra wrapper around a plain function (``fit(cfg)``, ``evaluate(cfg)``,
+``report(...)``, ``export(cfg)``).
 Bad input raises :class:`~prunerl.config.ConfigError`; the CLI prints its one-line message and
 exits with status 2 before anything is written.
 """
@@ -27,12 +28,14 @@ COMMANDS = {
                  "[attacks=[random,critic,mad,rs,optimal]] [episodes=N] [eps=E] [deterministic=true|false]"),
     "report": ("report", "sweet-spot tables, figures and a verdict from a folder of runs: runs=DIR [out=DIR] "
                "[normalize=sa|same_kappa] [baseline_kappa=K] [resamples=N] [ci=0.95]"),
+    "export": ("export", "the deterministic policy μ(s), normaliser folded in, as one file: checkpoint=PATH "
+               "[format=onnx|torchscript] [out=PATH] (neuron-pruned policies come out smaller)"),
 }
 
 GROUPS_HELP = """config groups (choose with GROUP=OPTION):
   env         hopper (default) | walker2d | halfcheetah | ant | inverted_pendulum
   algo        ppo (PPO + SA regulariser; algo.kappa=0 turns SA off)
-  pruning     magnitude (default) | none | random | magnitude_ste | saliency
+  pruning     magnitude (default) | none | random | magnitude_ste | saliency | neuron (whole units)
               (pruning.final_sparsity, pruning.burn_in, pruning.interval, pruning.allocation, pruning.scope)
   evaluation  default (evaluation.attacks=[random,critic,mad,rs,optimal], evaluation.episodes=N)
   logger      csv (default) | none | tensorboard | wandb   (W&B runs offline without a key)
@@ -85,6 +88,10 @@ def _run(command: str, cfg: DictConfig):
             return summary
         if command == "report":
             return _report(cfg)
+        if command == "export":
+            from prunerl.export import export
+
+            return export(cfg)
         from prunerl.evaluate import evaluate
 
         return evaluate(cfg)

@@ -190,7 +190,7 @@ def validate_certificate_cfg(lip: DictConfig) -> None:
 
 def validate_pruning_cfg(p: DictConfig) -> None:
     """The ``pruning`` group: criterion, scope, allocation, final sparsity, burn-in, end, interval."""
-    from prunerl.pruning import ALLOCATIONS, CRITERIA, SCOPES
+    from prunerl.pruning import ALLOCATIONS, CRITERIA, SCOPES, STRUCTURED
 
     if p.criterion not in CRITERIA:
         raise ConfigError(f"pruning.criterion={p.criterion!r} is not allowed; allowed: {list(CRITERIA)}")
@@ -198,6 +198,9 @@ def validate_pruning_cfg(p: DictConfig) -> None:
         raise ConfigError(f"pruning.scope={p.scope!r} is not allowed; allowed: {list(SCOPES)}")
     if p.allocation not in ALLOCATIONS:
         raise ConfigError(f"pruning.allocation={p.allocation!r} is not allowed; allowed: {list(ALLOCATIONS)}")
+    if p.criterion in STRUCTURED and p.allocation != "layer":
+        raise ConfigError(f"pruning.allocation={p.allocation!r} is not allowed with pruning.criterion={p.criterion!r}; "
+                          "allowed: ['layer'] (units are removed evenly across the hidden layers)")
     for name in ("final_sparsity", "burn_in", "end"):
         if isinstance(p[name], bool) or not isinstance(p[name], (int, float)):
             raise ConfigError(f"pruning.{name}={p[name]!r} must be a number")

@@ -2,9 +2,12 @@
 and mask computation. No Lightning, no Hydra: ``callbacks/pruning.py`` drives these from the
 training loop, the tests call them directly.
 
-Masks are boolean tensors (True = kept) over the weight matrices of ``nn.Linear`` layers only;
-biases are never pruned. Pruning is elementwise, so Thm. 1 applies: zeroing entries can only
-lower every layer's surrogate norm (``prunerl.lipschitz.lipschitz_surrogate``).
+Masks are boolean tensors (True = kept) over the weight matrices of ``nn.Linear`` layers; the
+elementwise criteria never prune biases. Structured ``neuron`` pruning removes whole hidden units
+(:func:`neuron_masks`): a unit's row of W_ℓ, its bias entry b_ℓ[j] and its column of W_ℓ₊₁, so it
+also masks the hidden layers' biases. Either way pruning zeroes entries, so Thm. 1 applies:
+zeroing entries can only lower every layer's surrogate norm
+(``prunerl.lipschitz.lipschitz_surrogate``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import math
 
 import torch
 
-CRITERIA = ("none", "random", "magnitude", "magnitude_ste", "saliency")
+CRITERIA = ("none", "random", "magnitude", "magnitude_ste", "saliency", "neuron")
+STRUCTURED = ("neuron",)  # criteria that remove whole hidden units (allocation: evenly over the hidden layers)
 ALLOCATIONS = ("global", "layer", "erk")
 SCOPES = ("actor", "critic", "both")
 
@@ -189,3 +193,93 @@ def sparsity_of(masks: dict[str, torch.Tensor]) -> float:
     """Fraction of pruned entries over all the masks together."""
     total = sum(m.numel() for m in masks.values())
     return sum(int((~m).sum()) for m in masks.values()) / total if total else 0.0
+
+
+# -- structured (neuron) pruning -----------------------------------------------------------------
+# A hidden unit j of layer ℓ (ℓ = 0 … L−2 of an MLP with Linear layers W_0 … W_{L−1}) owns row j of
+# W_ℓ, bias entry b_ℓ[j] and column j of W_ℓ₊₁. Removing it zeroes all three: with its outgoing
+# column zero the unit's output — the constant σ(b_ℓ[j]) included — no longer reaches the network's
+# output, and its bias is zeroed too so that the pruned module holds exactly the smaller network
+# (``prunerl.export`` drops such units physically).
+#
+# The target is counted in weights, as for the elementwise criteria: ``sparsity`` is the fraction
+# of the network's weight-matrix entries that are zero. Units are removed evenly across the hidden
+# layers (each loses the same fraction of its units, as nearly as whole units allow: the next unit
+# comes from the layer with the smallest removed fraction, the earlier layer on a tie) until the
+# zeroed weights are as close to round(sparsity·N) as whole units allow — within half the weights
+# of one unit. Within a layer the units with the lowest score go first:
+# ‖W_ℓ[j,:]‖₂ · ‖W_ℓ₊₁[:,j]‖₂ (incoming × outgoing), a bound on how much the unit's pre-activation
+# can vary times how strongly its output reaches the next layer. Every hidden layer keeps at least
+# one unit.
+
+
+def neuron_scores(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per hidden unit of each hidden layer: ‖W_ℓ[j,:]‖₂ · ‖W_ℓ₊₁[:,j]‖₂ (``weights``: the Linear
+    weights (out, in) of one MLP, in order)."""
+    return [w.detach().float().norm(dim=1) * nxt.detach().float().norm(dim=0)
+            for w, nxt in zip(weights[:-1], weights[1:])]
+
+
+def unit_weight_masks(weights: list[torch.Tensor], units: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Keep-masks of the weight matrices given keep-vectors of the hidden units: entry (i, j) of
+    W_ℓ is kept iff output unit i of layer ℓ and input unit j are both kept (inputs and outputs
+    always are)."""
+    out = []
+    for ell, w in enumerate(weights):
+        rows = units[ell] if ell < len(units) else torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+        cols = units[ell - 1] if ell > 0 else torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+        out.append(rows[:, None] & cols[None, :])
+    return out
+
+
+def zeroed_by_units(shapes: list[tuple[int, int]], removed: list[int]) -> int:
+    """Weight entries zeroed when ``removed[ℓ]`` units of each hidden layer are gone."""
+    total = alive = 0
+    for ell, (o, i) in enumerate(shapes):
+        rows = o - removed[ell] if ell < len(removed) else o
+        cols = i - removed[ell - 1] if ell > 0 else i
+        total += o * i
+        alive += rows * cols
+    return total - alive
+
+
+def neuron_counts(shapes: list[tuple[int, int]], sparsity: float, at_least: list[int] | None = None) -> list[int]:
+    """How many units each hidden layer loses at ``sparsity`` (a fraction of weights; see the
+    block comment above): units are added evenly across layers, starting from ``at_least`` (what
+    each layer already removed: masks stay nested), and the count whose zeroed weights are nearest
+    round(sparsity·N) wins (the smaller one on a tie)."""
+    hidden = [o for o, _ in shapes[:-1]]
+    target = round(sparsity * sum(o * i for o, i in shapes))
+    counts = list(at_least) if at_least is not None else [0] * len(hidden)
+    while True:
+        open_ = [j for j in range(len(hidden)) if counts[j] < hidden[j] - 1]
+        if not open_:
+            return counts
+        j = min(open_, key=lambda k: (counts[k] / hidden[k], k))
+        nxt = counts[:j] + [counts[j] + 1] + counts[j + 1:]
+        if abs(zeroed_by_units(shapes, nxt) - target) >= abs(zeroed_by_units(shapes, counts) - target):
+            return counts
+        counts = nxt
+
+
+def neuron_masks(weights: list[torch.Tensor], sparsity: float,
+                 previous: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(weight keep-masks, unit keep-vectors of the hidden layers) removing whole hidden units of
+    one MLP (``weights``: its Linear weights (out, in), in order) to ``sparsity`` of its weights.
+    With ``previous`` unit keep-vectors, removed units stay removed (nested masks)."""
+    if len(weights) < 2:
+        raise ValueError("neuron pruning needs an MLP with at least one hidden layer")
+    shapes = [tuple(w.shape) for w in weights]
+    scores = neuron_scores(weights)
+    if previous is not None:
+        scores = [s.masked_fill(~p.to(s.device), -math.inf) for s, p in zip(scores, previous)]
+    already = [int((~p).sum()) for p in previous] if previous is not None else None
+    counts = neuron_counts(shapes, sparsity, already)
+    units = [~_lowest(s, k) for s, k in zip(scores, counts)]
+    return unit_weight_masks(weights, units), units
+
+
+def unit_tolerance(shapes: list[tuple[int, int]]) -> int:
+    """How far (in weights) a neuron mask may miss round(sparsity·N): half the weights of the
+    largest unit (its fan-in plus its fan-out)."""
+    return max(i + nxt[0] for (_, i), nxt in zip(shapes[:-1], shapes[1:])) // 2

@@ -38,6 +38,18 @@ def compose_cfg(run_dir, *overrides, config_name: str = "config"):
         return compose(config_name=config_name, overrides=[*extra, *overrides])
 
 
+@pytest.fixture(scope="session")
+def neuron_run(tmp_path_factory):
+    """A short real fit, shared by the neuron-pruning and export tests: 4 rollouts of 1,024 frames,
+    64-wide nets, pruning=neuron to 70% of the weights. (run dir, summary)"""
+    from prunerl.fit import fit
+
+    run = tmp_path_factory.mktemp("neuron") / "run"
+    summary = fit(compose_cfg(run, *SMALL, "total_frames=4096", "pruning=neuron", "pruning.final_sparsity=0.7",
+                              "algo.kappa=0", "++callbacks.evaluation=null"))
+    return run, summary
+
+
 @pytest.fixture
 def small_cfg(tmp_path):
     def make(*overrides, run_dir=None):
