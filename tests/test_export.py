@@ -5,6 +5,10 @@ a neuron-pruned policy comes out physically smaller; bad input is one line, exit
 import json
 import sys
 
+# onnx and onnxruntime are imported, not importorskip'ed: the README's test command installs them
+# (pyproject's `test` extra), and a CI without them must fail here, not skip the export tests
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -14,9 +18,6 @@ from prunerl.config import ConfigError
 from prunerl.export import FORMATS, export_policy, live_units
 from prunerl.fit import fit
 from tests.conftest import SMALL, compose_cfg
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
