@@ -88,6 +88,32 @@ def test_callback_keeps_removed_units_and_their_biases_at_zero_through_adam():
     assert cb.checks == dict.fromkeys(CHECKS, 0)
 
 
+def test_callback_removes_units_on_the_cubic_schedule_after_the_burn_in():
+    # T = 400 updates, β = 0.25, end = 0.75, Δt = 10: nothing before t = 100, then mask updates at
+    # t = 110, 120, …, 300, each to s_t = s_f(1 − (1 − (t − 100)/200)³) of each network's weights
+    module, trainer = TinyModule(total_updates=400), FakeTrainer()
+    cb = PruningCallback("neuron", final_sparsity=0.8, burn_in=0.25, end=0.75, interval=10, allocation="layer")
+    cb.setup(trainer, module)
+    seen = []
+    cb.add_mask_listener(lambda tr, pl, event: seen.append((event.t, event.target)))
+    callback_steps(module, cb, trainer, 100)
+    assert not seen and not cb.masks  # burn-in: no unit touched
+    assert all(bool((p != 0).all()) for n, p in cb.params.items() if n.endswith(".weight"))
+    while trainer.global_step < 320:
+        callback_steps(module, cb, trainer, 1)
+        if seen and seen[-1][0] == trainer.global_step:
+            t, target = seen[-1]
+            assert target == pytest.approx(cubic_sparsity(t, 100, 300, 0.8))
+            for names in cb.groups.values():  # the target counts weights, to within half a unit's
+                ws = [cb.params[n] for n in names]
+                zero = sum(int((w == 0).sum()) for w in ws)
+                size = sum(w.numel() for w in ws)
+                assert abs(zero - round(target * size)) <= unit_tolerance([tuple(w.shape) for w in ws]), t
+    assert [t for t, _ in seen] == list(range(110, 301, 10))
+    assert seen[-1][1] == pytest.approx(0.8)
+    assert cb.checks == dict.fromkeys(CHECKS, 0)
+
+
 def test_neuron_with_another_allocation_is_refused(small_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"pruning.allocation='erk' is not allowed with pruning.criterion='neuron'; "
                                           r"allowed: \['layer'\]"):
