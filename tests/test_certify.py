@@ -92,8 +92,9 @@ def test_bounds_are_never_beaten_by_an_attack_and_are_ordered(seed, d, hidden, o
 
 def test_the_attack_is_strong_enough_for_the_soundness_test_to_mean_something():
     # a weak attack would pass the soundness test against any bound: on random small nets PGD must
-    # reach most of CROWN's bound (here: median 0.89, 10th percentile 0.75; random starts alone,
-    # no gradient steps: 0.50 / 0.22. Over the property test's distribution: median 0.955)
+    # reach most of CROWN's bound (here: median 0.89, 10th percentile 0.75; two random starts and
+    # no gradient steps: 0.50 / 0.22 — its 12 corner starts carry much of the strength on these
+    # nets. Over the property test's distribution: median 0.955)
     g = torch.Generator().manual_seed(0)
     ratios = []
     for i in range(40):
@@ -128,6 +129,14 @@ def test_tanh_relaxation_is_crowns_tight_one():
     cross = slice(0, 2)
     assert torch.allclose((k_up * l + b_up)[cross], torch.tanh(l)[cross], atol=1e-6)
     assert torch.allclose((k_lo * u + b_lo)[cross], torch.tanh(u)[cross], atol=1e-6)
+    # ...and each is a tangent: it also touches tanh inside the interval, the upper line on (0, u],
+    # the lower one on [l, 0) (any steeper slope with its exact intercept passes through the
+    # endpoint too, so the endpoint alone does not pin CROWN's line)
+    for i in range(2):
+        z_pos = torch.linspace(0, float(u[i]), 20001, dtype=torch.double)
+        z_neg = torch.linspace(float(l[i]), 0, 20001, dtype=torch.double)
+        assert float((k_up[i] * z_pos + b_up[i] - torch.tanh(z_pos)).min()) <= 1e-6
+        assert float((torch.tanh(z_neg) - (k_lo[i] * z_neg + b_lo[i])).min()) <= 1e-6
     for line_k, line_b, i in ((k_up, b_up, 2), (k_lo, b_lo, 3)):  # chords: through both endpoints
         assert float(line_k[i] * l[i] + line_b[i]) == pytest.approx(float(torch.tanh(l[i])), abs=1e-12)
         assert float(line_k[i] * u[i] + line_b[i]) == pytest.approx(float(torch.tanh(u[i])), abs=1e-12)
