@@ -177,8 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     sys.stderr = _HELD["held"]
     try:
         # a top-level function and a str: launchers that pickle the task (joblib, submitit) can
-        hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(
-            functools.partial(_task, command))()
+        task = functools.partial(_task, command)
+        task.__module__ = "prunerl"   # Hydra names the app (--help, hydra.job.name) after the task's module
+        hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(task)()
     except SystemExit as e:
         if not _HELD["started"] and e.code not in (0, None):
             _release()

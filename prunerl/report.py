@@ -471,7 +471,17 @@ def _verdict_md(primary: list[Analysis], verdicts: list[dict]) -> list[str]:
         overall = (f"**Undecided**: no row shows the effect, and {names(open_)} cannot be decided from these runs "
                    "(too few seeds or no baseline).")
     else:
-        overall = ("**The effect is absent here**: no row has a pruned sweet spot whose worst-attack return is above "
-                   f"the baseline's with a CI excluding 1 while keeping ≥ {CLEAN_FLOOR} of the clean return.")
+        # "absent" only where no row even points the paper's way: a worst-attack gain whose CI
+        # includes 1 neither shows the effect nor rules it out
+        unclear = [v for v in verdicts if v["verdict_robust_above_1"] and not v["verdict_ci_excludes_1"]]
+        if unclear:
+            overall = (f"**Not shown here**: no row has a pruned sweet spot whose worst-attack return is above the "
+                       f"baseline's with a CI excluding 1 while keeping ≥ {CLEAN_FLOOR} of the clean return. In "
+                       f"{names(unclear)} the point estimate is above 1 but its CI includes 1: these runs neither "
+                       "show the effect nor rule it out (more seeds, or victims that vary less, would).")
+        else:
+            overall = ("**The effect is absent here**: no row has a pruned sweet spot whose worst-attack return is "
+                       f"above the baseline's, with or without a CI excluding 1, while keeping ≥ {CLEAN_FLOOR} of the "
+                       "clean return.")
     lines += ["", overall, ""]
     return lines

@@ -37,7 +37,7 @@ from prunerl.rundir import read_summary
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: bumped when a cached model's training changes meaning (2: Sarsa's target uses the next action
 #: taken, a', not μ(s')), so that models cached by an older version are retrained, not reused
-RS_VERSION = 2
+RS_VERSION = 3   # 3: each Q initialised from the seed alone (it was drawn from whatever state torch's RNG was in)
 
 
 def cache_key(victim: GaussianActor, **settings) -> str:
@@ -69,18 +69,21 @@ def robust_sarsa_qs(victim_path: Path, actor: GaussianActor, norm_state: dict, t
     for q_eps, reg in rs_scan_pairs(rs):
         key = cache_key(actor, task=task, seed=settings.seed, version=RS_VERSION, q_eps=q_eps, reg=reg, **shared)
         path = Path(victim_path).with_suffix(f".rs_q-{key}.pt")
-        q = A.QNetwork(obs_dim, act_dim, hidden=tuple(rs["hidden"]))
         if path.is_file():
+            q = A.QNetwork(obs_dim, act_dim, hidden=tuple(rs["hidden"]))
             q.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["q"])
             out.append((q_eps, reg, q.to(device)))
             continue
         log(f"training Robust Sarsa Q (ε_Q={q_eps:g}, reg={reg:g}) on {rs['frames']} clean transitions  ->  "
             f"{path.name}")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
             if data is None:
+                torch.manual_seed(settings.seed)
                 data = collect_transitions(actor, norm_state, task, rs["frames"], seed=settings.seed)
-            q = q.to(device)
+            # each Q's initial weights and training from the seed alone: not from what used torch's
+            # RNG before (a fit's callback vs the evaluate command), nor from which pairs were cached
+            torch.manual_seed(settings.seed)
+            q = A.QNetwork(obs_dim, act_dim, hidden=tuple(rs["hidden"])).to(device)
             history = A.train_robust_sarsa(q, data, gamma=rs["gamma"], epochs=rs["epochs"],
                                            minibatches=rs["minibatches"], lr=rs["lr"], reg=reg, q_eps=q_eps,
                                            generator=torch.Generator().manual_seed(settings.seed))

@@ -246,3 +246,33 @@ def test_a_briefly_trained_optimal_adversary_beats_random(tmp_path):
     assert result["attack_returns"]["optimal"] < 0.8 * result["attack_returns"]["random"]
     assert result["attacks"]["optimal"]["mean_perturbation_linf"] <= 0.3 + 1e-6
     assert list(run.joinpath("checkpoints").glob("last.adversary-*/checkpoints/last.ckpt"))
+
+
+def test_a_robust_sarsa_q_depends_on_its_seed_alone(tmp_path):
+    """The same victim and seed give the same Q whatever used torch's RNG before (a fit's callback
+    and the evaluate command reported different `rs` for one checkpoint) and whichever other scan
+    pairs were trained beside it (or found in the cache)."""
+    from omegaconf import OmegaConf
+
+    from prunerl.trained_attacks import robust_sarsa_qs
+
+    env = make_env("inverted_pendulum", 4, seed=0)
+    norm_state = normalizer_of(env).state_dict()
+    env.close()
+    torch.manual_seed(0)
+    actor = GaussianActor(4, 1, (32, 32), "tanh", sigma=0.5)
+    settings = OmegaConf.load("conf/evaluation/default.yaml")
+    settings.rs.frames, settings.rs.epochs, settings.rs.minibatches = 512, 2, 4
+    settings.rs.scan = [[0.05, 10.0], [0.2, 10.0]]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    torch.manual_seed(1)
+    both = robust_sarsa_qs(tmp_path / "a" / "last.ckpt", actor, norm_state, "inverted_pendulum", settings, log=print)
+    settings.rs.scan = [[0.2, 10.0]]
+    torch.manual_seed(2)
+    torch.rand(100)
+    (alone,) = robust_sarsa_qs(tmp_path / "b" / "last.ckpt", actor, norm_state, "inverted_pendulum", settings,
+                               log=print)
+    assert alone[:2] == both[1][:2] == (0.2, 10.0)
+    for p, r in zip(alone[2].parameters(), both[1][2].parameters()):
+        assert torch.equal(p, r)
+    assert not torch.equal(next(both[0][2].parameters()), next(both[1][2].parameters()))  # pairs differ

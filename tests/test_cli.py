@@ -27,6 +27,14 @@ def test_help_lists_commands_and_groups():
         assert word in r.stdout
 
 
+@pytest.mark.parametrize("command", ["fit", "evaluate", "report"])
+def test_a_commands_help_names_prunerl(command):
+    # Hydra names the app after the task function's module; a functools.partial once made it "functools"
+    r = cli(command, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("prunerl is powered by Hydra."), r.stdout[:80]
+
+
 def test_fit_then_evaluate_round_trip(tmp_path):
     run = tmp_path / "run"
     r = cli("fit", *SMALL, f"hydra.run.dir={run}")
