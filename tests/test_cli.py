@@ -27,7 +27,7 @@ def test_help_lists_commands_and_groups():
         assert word in r.stdout
 
 
-@pytest.mark.parametrize("command", ["fit", "evaluate", "report"])
+@pytest.mark.parametrize("command", ["fit", "evaluate", "report", "export"])
 def test_a_commands_help_names_prunerl(command):
     # Hydra names the app after the task function's module; a functools.partial once made it "functools"
     r = cli(command, "--help")
