@@ -37,7 +37,9 @@ IGNORED = ("run_dir", "resume", "skip_finished", "hydra", "logger", "device", "t
            "trainer.log_every_n_steps", "callbacks.progress",
            # what the Lipschitz callback measures, not what the run trained or evaluated; added with
            # issue 14, so runs from before and after it stay one setting
-           "callbacks.lipschitz.certificates", "callbacks.lipschitz.certificate_threshold")
+           "callbacks.lipschitz.certificates", "callbacks.lipschitz.certificate_threshold",
+           # the per-task recipe's defaults: what they set is in algo.ent_coef / algo.model.sigma
+           "env.recipe")
 # The sweep's own axes: a setting is everything else.
 AXES = ("seed", "algo.kappa", "pruning", "callbacks.pruning")
 # Pruning keys beside the method and its final sparsity: a curve is one (method, these) pair.

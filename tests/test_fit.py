@@ -153,3 +153,24 @@ def test_skip_finished_skips_the_same_finished_run_only(small_cfg, tmp_path):
         ckpt.write_bytes(b"torn")
     fourth = fit(small_cfg(*over))
     assert fourth["resumed_from"] is None and (tmp_path / "run.partial-0" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("overrides, sigma, ent_coef", [
+    (["env=hopper"], 1.0, 0.01),
+    (["env=ant"], 0.3, 0.01),                  # at σ = 1 Ant's control cost topples it
+    (["env=halfcheetah"], 1.0, 0.0),           # entropy 0.01 holds HalfCheetah's σ near 1
+    (["env=ant", "algo.model.sigma=0.7"], 0.7, 0.01),   # the command line still wins
+    (["env=halfcheetah", "algo=paper"], 0.1, 0.01),     # the paper's recipe is its own
+    (["experiment=paper_ant"], 0.1, 0.01),
+])
+def test_the_cpu_recipe_takes_sigma_and_entropy_from_the_task(tmp_path, overrides, sigma, ent_coef):
+    from prunerl.config import validate_fit
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(tmp_path / "run", *overrides)
+    validate_fit(cfg)
+    assert (cfg.algo.model.sigma, cfg.algo.ent_coef) == (sigma, ent_coef)
+    # the run's config.yaml holds the values, not the interpolation
+    from omegaconf import OmegaConf
+    saved = yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
+    assert (saved["algo"]["model"]["sigma"], saved["algo"]["ent_coef"]) == (sigma, ent_coef)
