@@ -34,7 +34,7 @@ def make_engine(engine: str, env_id: str, num_envs: int, threads: int = 1) -> En
         from prunerl.envs.mujoco_engine import MujocoEngine
 
         return MujocoEngine(env_id, num_envs, threads)
-    raise ValueError(f"env.engine={engine!r} is not an engine; allowed: {list(ENGINES)}")
+    raise ValueError(f"env.engine={engine!r} is not allowed; allowed: {list(ENGINES)}")
 
 
 def batched_done_spec(num_envs: int) -> Composite:
@@ -61,7 +61,7 @@ class MujocoVecEnv(EnvBase):
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"env.threads={threads!r} must be a positive integer")
         if engine not in ENGINES:
-            raise ValueError(f"env.engine={engine!r} is not an engine; allowed: {list(ENGINES)}")
+            raise ValueError(f"env.engine={engine!r} is not allowed; allowed: {list(ENGINES)}")
         super().__init__(batch_size=torch.Size([num_envs]), device=torch.device("cpu"))
         self.env_id = env_id
         self.num_envs = num_envs
