@@ -159,3 +159,58 @@ def test_unknown_engine_is_refused():
     assert ENGINES == ("gymnasium", "mujoco")
     with pytest.raises(ValueError, match="env.engine='warp'.*allowed"):
         MujocoVecEnv("Hopper-v5", 2, engine="warp")
+
+
+def test_fit_resumes_and_evaluates_on_either_engine(tmp_path, monkeypatch):
+    """A real fit on ``env.engine=mujoco`` (Hopper: falls, resets, contacts), cut after its first
+    rollout and resumed — on the mujoco engine, and on the gymnasium one from the same checkpoint —
+    ends exactly like the uncut run, its end-of-fit evaluation included. ``evaluate`` on a
+    checkpoint (clean, random, mad, Robust Sarsa) runs on the run's own engine, and the two
+    engines' figures are the same."""
+    from prunerl.envs import vec_env
+    from prunerl.evaluate import evaluate
+    from prunerl.fit import fit
+    from tests.conftest import SMALL, compose_cfg
+
+    used = []
+    real = vec_env.make_engine
+
+    def spy(engine, *args, **kwargs):
+        used.append(engine)
+        return real(engine, *args, **kwargs)
+
+    monkeypatch.setattr(vec_env, "make_engine", spy)
+    small = [o for o in SMALL if not o.startswith("env=")]
+    run = ("env=hopper", *small, "total_frames=3072", "checkpoint.every_n_rollouts=1",
+           "evaluation.episodes=2", "evaluation.attacks=[random]")
+    full = fit(compose_cfg(tmp_path / "full", *run, "env.engine=mujoco"))
+    assert set(used) == {"mujoco"}
+    cut = sorted((tmp_path / "full" / "checkpoints").glob("rollout*.ckpt"))[0]
+    last = {}
+    for engine in ("mujoco", "gymnasium"):
+        used.clear()
+        # another seed: every RNG stream and the envs' state must come from the checkpoint
+        resumed = fit(compose_cfg(tmp_path / engine, *run, f"env.engine={engine}", f"resume={cut}", "seed=7"))
+        assert set(used) == {engine}
+        a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
+        b = torch.load(tmp_path / engine / "checkpoints" / "last.ckpt", weights_only=False)
+        assert a["global_step"] == b["global_step"] == 48
+        for k, v in a["state_dict"].items():
+            assert torch.equal(v, b["state_dict"][k]), (engine, k)
+        for k, v in a["RolloutDataModule"]["normalizer"].items():
+            assert torch.equal(v, b["RolloutDataModule"]["normalizer"][k]), (engine, k)
+        assert a["RolloutDataModule"]["recent_returns"] == b["RolloutDataModule"]["recent_returns"]
+        assert resumed["evaluation"] == full["evaluation"], engine
+        last[engine] = tmp_path / engine / "checkpoints" / "last.ckpt"
+
+    results = {}
+    for engine, ckpt in last.items():
+        used.clear()
+        torch.manual_seed(0)  # Robust Sarsa's Q is initialised from the global torch RNG
+        results[engine] = evaluate(compose_cfg(
+            None, f"checkpoint={ckpt}", "attacks=[random,mad,rs]", "episodes=3", "stochastic=false",
+            "rs.frames=512", "rs.epochs=1", "rs.minibatches=4", "rs.scan=[[0.1,1.0]]", config_name="evaluate"))
+        assert set(used) == {engine}
+    a, b = results["mujoco"], results["gymnasium"]
+    assert a["clean"]["returns"] == b["clean"]["returns"] and a["clean"]["episodes"] == 3
+    assert a["attack_returns"] == b["attack_returns"] and set(a["attack_returns"]) == {"random", "mad", "rs"}
