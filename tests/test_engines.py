@@ -214,3 +214,39 @@ def test_fit_resumes_and_evaluates_on_either_engine(tmp_path, monkeypatch):
     a, b = results["mujoco"], results["gymnasium"]
     assert a["clean"]["returns"] == b["clean"]["returns"] and a["clean"]["episodes"] == 3
     assert a["attack_returns"] == b["attack_returns"] and set(a["attack_returns"]) == {"random", "mad", "rs"}
+
+
+def test_the_c_batch_binding_keeps_its_memory_and_refuses_misuse():
+    """The mujoco engine's ctypes binding: the batch runs on the threads asked for (read back from
+    MuJoCo); a NumPy view of its C memory keeps that memory alive after the engine is gone (no
+    use-after-free); a closed batch refuses calls; ids MuJoCo would not check, and an action of the
+    wrong shape (which NumPy would broadcast to every env), are refused — MuJoCo's own error for bad
+    ids ends the process."""
+    import gc
+    import weakref
+
+    e = make_engine("mujoco", "Ant-v5", 3, threads=2)
+    assert e.batch.nthread == 2 and make_engine("mujoco", "Ant-v5", 3, threads=5).batch.nthread == 3
+    e.reset(np.arange(3), [0, 1, 2])
+    qpos, forces = e.qpos, e.derived["cfrc_ext"]
+    expected = qpos.copy(), forces.copy()
+    memory = weakref.ref(e.batch._memory)
+    batch = e.batch
+    e.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batch.step(1)
+    del e, batch
+    gc.collect()
+    assert memory() is not None  # the views hold it...
+    assert np.array_equal(qpos, expected[0]) and np.array_equal(forces, expected[1])
+    del qpos, forces
+    gc.collect()
+    assert memory() is None  # ...and it goes with the last one
+
+    e = make_engine("mujoco", "Hopper-v5", 2)
+    for bad in ([0, 2], [1, 0], [1, 1], [-1]):
+        with pytest.raises(IndexError, match=r"not sorted, unique and in \[0, 2\)"):
+            e.batch.reset(np.array(bad))
+    with pytest.raises(ValueError, match=r"expected \(2, 3\)"):
+        e.step(np.zeros(3))
+    e.close()

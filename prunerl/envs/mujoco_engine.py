@@ -68,6 +68,8 @@ class MujocoEngine(Engine):
         return self.task.observation(f)[ids]
 
     def step(self, action: np.ndarray):
+        if np.shape(action) != self.ctrl.shape:  # no silent broadcast of one env's action to all
+            raise ValueError(f"action has shape {np.shape(action)}; expected {self.ctrl.shape} (num_envs, act_dim)")
         self.ctrl[:] = action
         self.batch.step(self.task.frame_skip)
         if self.task.contact_forces:
@@ -97,4 +99,7 @@ class MujocoEngine(Engine):
             self._position[:] = self.task.position(self.fields())
 
     def close(self) -> None:
+        # the views hold the batch's C memory (mujoco_batch): drop them so that it is freed now
+        self.qpos = self.qvel = self.ctrl = None
+        self.derived = {}
         self.batch.close()
