@@ -157,8 +157,8 @@ def test_task_definitions_run_on_torch_tensors():
 
 def test_unknown_engine_is_refused():
     assert ENGINES == ("gymnasium", "mujoco")
-    with pytest.raises(ValueError, match="env.engine='warp'.*allowed"):
-        MujocoVecEnv("Hopper-v5", 2, engine="warp")
+    with pytest.raises(ValueError, match="env.engine='bullet'.*allowed"):
+        MujocoVecEnv("Hopper-v5", 2, engine="bullet")
 
 
 def test_fit_resumes_and_evaluates_on_either_engine(tmp_path, monkeypatch):

@@ -18,8 +18,9 @@ from prunerl.envs.engine import Engine
 from prunerl.envs.normalizer import RunningNormalizer
 from prunerl.envs.tasks import ENV_IDS, TASKS, Task
 
-#: ``env.engine`` values. ``mujoco`` is the default: bit-identical to ``gymnasium`` and faster
-#: (tests/test_engines.py, benchmarks/env_throughput.py).
+#: ``env.engine`` values. ``mujoco`` is the default: bit-identical to ``gymnasium`` for every task
+#: (tests/test_engines.py), with no Python per env in a step; its speed-up is what
+#: benchmarks/env_throughput.py measures.
 ENGINES = ("gymnasium", "mujoco")
 DEFAULT_ENGINE = "mujoco"
 
