@@ -83,6 +83,35 @@ def test_states_far_from_the_random_walk_match_gymnasium(task):
     new.close()
 
 
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_the_time_limit_truncates_alike_on_every_task(task):
+    """Truncation on every task (random walks reach the 1,000-step limit only on HalfCheetah and
+    Ant): 4 envs 999, 998, 997, 996 steps into their episodes — step counts set in Gymnasium's
+    TimeLimit and carried to the mujoco engine through the env state — take 6 steps with resets
+    of done envs; flags, rewards and observations (reset ones included) are the same."""
+    env_id, n = TASKS[task].env_id, 4
+    ref, new = make_engine("gymnasium", env_id, n), make_engine("mujoco", env_id, n)
+    ref.reset(np.arange(n), [3 + i for i in range(n)])
+    for k, env in enumerate(ref.envs):
+        assert hasattr(env, "_elapsed_steps")  # the outer wrapper is Gymnasium's TimeLimit
+        env._elapsed_steps = 999 - k
+    new.load_state(ref.state())
+    rng = np.random.default_rng(0)
+    truncated = np.zeros(n, dtype=bool)
+    for _ in range(6):
+        action = rng.uniform(ref.action_low, ref.action_high, size=(n, len(ref.action_low)))
+        a, b = ref.step(action), new.step(action)
+        for name, x, y in zip(("observation", "reward", "terminated", "truncated"), a, b):
+            assert np.array_equal(x, y), f"{task}: {name}"
+        truncated |= a[3]
+        done = np.flatnonzero(a[2] | a[3])
+        if len(done):
+            assert np.array_equal(ref.reset(done, [None] * len(done)), new.reset(done, [None] * len(done))), task
+    assert truncated.any(), task
+    ref.close()
+    new.close()
+
+
 def _rollout(env, steps, seed):
     g = torch.Generator().manual_seed(seed)
     td = env._td if hasattr(env, "_td") else env.reset()
