@@ -28,6 +28,7 @@ import lightning as L
 import torch
 
 from prunerl.attacks import TRAINED_ATTACKS
+from prunerl.envs import DEFAULT_ENGINE
 from prunerl.evaluate import evaluate_policy
 from prunerl.preemption import Interrupted
 
@@ -77,7 +78,8 @@ class AdversarialEvaluation(L.Callback):
         with torch.random.fork_rng(devices=[]):
             result = evaluate_policy(actor, critic, norm_state, task, self.settings, victim_path=victim_path,
                                      device=pl_module.device, log=lambda msg: None,
-                                     run_eps=pl_module.run_config["env"].get("eps"))
+                                     run_eps=pl_module.run_config["env"].get("eps"),
+                                     engine=pl_module.run_config["env"].get("engine", DEFAULT_ENGINE))
         result["frames"] = dm.frames
         row = {"eval/clean/return": result["clean_return"], "eval/clean/length": result["clean"]["mean_length"]}
         for name, r in result["attacks"].items():

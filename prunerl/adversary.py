@@ -26,7 +26,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Composite, Unbounded
 from torchrl.envs import EnvBase, TransformedEnv
 
-from prunerl.envs import TASKS, MujocoVecEnv, RunningNormalizer, batched_done_spec
+from prunerl.envs import DEFAULT_ENGINE, TASKS, MujocoVecEnv, RunningNormalizer, batched_done_spec
 from prunerl.models import GaussianActor
 
 
@@ -35,14 +35,14 @@ class AdversaryEnv(EnvBase):
 
     def __init__(self, task: str, victim: GaussianActor, victim_normalizer: dict, num_envs: int, seed: int,
                  eps: float, similarity: float = 10.0, victim_deterministic: bool = True,
-                 clip_obs: float = 10.0):
+                 clip_obs: float = 10.0, engine: str = DEFAULT_ENGINE):
         super().__init__(batch_size=torch.Size([num_envs]), device=torch.device("cpu"))
         self.task = task
         self.env_id = f"adversary:{TASKS[task].env_id}"
         self.eps, self.similarity = float(eps), float(similarity)
         self.victim_deterministic = victim_deterministic
         self.victim = victim.eval().requires_grad_(False)
-        self.inner = MujocoVecEnv(TASKS[task].env_id, num_envs, seed=seed)
+        self.inner = MujocoVecEnv(TASKS[task].env_id, num_envs, seed=seed, engine=engine)
         d = self.inner.obs_dim
         self.victim_norm = RunningNormalizer(d, num_envs, clip=clip_obs).load_statistics(victim_normalizer).freeze()
         n = (num_envs,)
@@ -126,10 +126,11 @@ class AdversaryEnv(EnvBase):
 
 def make_adversary_env(task: str, victim: GaussianActor, victim_normalizer: dict, num_envs: int, seed: int, *,
                        eps: float, similarity: float, victim_deterministic: bool, gamma: float = 0.99,
-                       clip_obs: float = 10.0, scale_reward: bool = True) -> TransformedEnv:
+                       clip_obs: float = 10.0, scale_reward: bool = True,
+                       engine: str = DEFAULT_ENGINE) -> TransformedEnv:
     """:class:`AdversaryEnv` plus the adversary's own :class:`RunningNormalizer` (as ``make_env``)."""
     base = AdversaryEnv(task, victim, victim_normalizer, num_envs, seed, eps, similarity,
-                        victim_deterministic, clip_obs)
+                        victim_deterministic, clip_obs, engine)
     env = TransformedEnv(base, RunningNormalizer(base.obs_dim, num_envs, clip=clip_obs, gamma=gamma,
                                                  scale_reward=scale_reward))
     env.set_seed(seed)

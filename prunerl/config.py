@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from prunerl.checkpoint import load_checkpoint
-from prunerl.envs import TASKS
+from prunerl.envs import DEFAULT_ENGINE, ENGINES, TASKS
 from prunerl.errors import ConfigError  # noqa: F401 — re-exported: `from prunerl.config import ConfigError`
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -111,6 +111,8 @@ def validate_fit(cfg: DictConfig) -> None:
     total = _positive_int("total_frames", cfg.total_frames)
     n_envs = _positive_int("env.num_envs", env.num_envs)
     _positive_int("env.threads", env.get("threads", 1))
+    if env.get("engine", DEFAULT_ENGINE) not in ENGINES:   # absent in configs written before env.engine
+        raise ConfigError(f"env.engine={env.engine!r} is not allowed; allowed: {list(ENGINES)}")
     fpb = _positive_int("algo.frames_per_batch", algo.frames_per_batch)
     mbs = _positive_int("algo.minibatches", algo.minibatches)
     _positive_int("algo.epochs", algo.epochs)

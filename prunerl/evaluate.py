@@ -29,7 +29,7 @@ from prunerl import atomic
 from prunerl import attacks as A
 from prunerl.checkpoint import actor_from_checkpoint, critic_from_checkpoint, load_checkpoint
 from prunerl.config import ConfigError, resolve_device, validate_attack_settings
-from prunerl.envs import TASKS
+from prunerl.envs import DEFAULT_ENGINE, ENGINES, TASKS
 from prunerl.evaluation import run_episodes
 from prunerl.models import Critic, GaussianActor
 from prunerl.trained_attacks import learned_adversaries, robust_sarsa_qs
@@ -55,7 +55,7 @@ def robust_figures(clean_return: float, attack_returns: dict[str, float]) -> dic
 
 
 def _trained_models(settings, *, actor: GaussianActor, norm_state: dict, task: str, eps: float,
-                    victim_path: Path | None, log) -> dict:
+                    victim_path: Path | None, log, engine: str = DEFAULT_ENGINE) -> dict:
     """Robust Sarsa's Qs and the learned adversary, trained (or loaded from their cache) before any
     rollout, once for every mode of evaluation."""
     needed = [a for a in settings.attacks if a in A.TRAINED_ATTACKS]
@@ -64,19 +64,20 @@ def _trained_models(settings, *, actor: GaussianActor, norm_state: dict, task: s
                           "none was given")
     models = {}
     if "rs" in needed:
-        models["rs"] = robust_sarsa_qs(victim_path, actor, norm_state, task, settings, log)
+        models["rs"] = robust_sarsa_qs(victim_path, actor, norm_state, task, settings, log, engine=engine)
     if "optimal" in needed:
         models["optimal"] = learned_adversaries(victim_path, actor, task, eps, settings, log)
     return models
 
 
 def _rollouts(actor: GaussianActor, critic: Critic | None, norm_state: dict, task: str, settings, eps: float,
-              models: dict, deterministic: bool, device: torch.device) -> dict:
+              models: dict, deterministic: bool, device: torch.device, engine: str = DEFAULT_ENGINE) -> dict:
     """One table: ``settings.episodes`` episodes clean and under each attack, actions μ(ŝ)
     (``deterministic``) or sampled. Robust Sarsa runs once per Q of its scan; the lowest return
     is ``rs``, every pair's is in ``rs_scan``. Every condition starts from the same env seeds and
     the same torch seed (sampled actions), and each attack draws from its own generator."""
-    run = dict(deterministic=deterministic, seed=settings.seed, num_envs=settings.num_envs, device=device)
+    run = dict(deterministic=deterministic, seed=settings.seed, num_envs=settings.num_envs, device=device,
+               engine=engine)
 
     def rollout(perturb=None) -> dict:
         torch.manual_seed(settings.seed)
@@ -120,7 +121,7 @@ def _rollouts(actor: GaussianActor, critic: Critic | None, norm_state: dict, tas
 
 def evaluate_policy(actor: GaussianActor, critic: Critic | None, norm_state: dict, task: str, settings, *,
                     victim_path: Path | None = None, device: torch.device = torch.device("cpu"),
-                    log=print, run_eps: float | None = None) -> dict:
+                    log=print, run_eps: float | None = None, engine: str = DEFAULT_ENGINE) -> dict:
     """Clean and attacked returns of a frozen policy, ``settings.episodes`` episodes each.
 
     The primary table uses ``settings.deterministic`` (a = μ(ŝ) or sampled); with
@@ -128,7 +129,9 @@ def evaluate_policy(actor: GaussianActor, critic: Critic | None, norm_state: dic
     ``evaluation_stochastic`` (the same figures; when the primary table is already stochastic it
     is that table). Robust Sarsa and the learned adversary are trained once for both. Every
     condition uses the same env seeds; the attacks draw from their own generators and the global
-    torch RNG is restored afterwards (training RNG untouched: exact resume holds).
+    torch RNG is restored afterwards (training RNG untouched: exact resume holds). The envs run on
+    ``engine`` (the run's ``env.engine``; the engines are bit-identical, so the figures do not
+    depend on it). A learned adversary trains on the engine of the victim's config.
     """
     eps = attack_eps(settings, task, run_eps)
     actor = actor.to(device).eval()
@@ -139,13 +142,13 @@ def evaluate_policy(actor: GaussianActor, critic: Critic | None, norm_state: dic
            "random_start": settings.random_start, "seed": settings.seed}
     with torch.random.fork_rng(devices=[]):
         models = _trained_models(settings, actor=actor, norm_state=norm_state, task=task, eps=eps,
-                                 victim_path=victim_path, log=log)
+                                 victim_path=victim_path, log=log, engine=engine)
         primary = _rollouts(actor, critic, norm_state, task, settings, eps, models, bool(settings.deterministic),
-                            device)
+                            device, engine)
         if stochastic:
             out["evaluation_stochastic"] = (primary if not settings.deterministic else
                                             _rollouts(actor, critic, norm_state, task, settings, eps, models,
-                                                      False, device))
+                                                      False, device, engine))
     primary.pop("deterministic")
     out.update(primary)
     for scan in ("rs_scan", "optimal_scan"):
@@ -213,6 +216,9 @@ def evaluate(cfg: DictConfig) -> dict:
         task = run_cfg["env"]["name"]
         if expected_task is not None and task != expected_task:
             raise ConfigError(f"checkpoint={p} is a checkpoint of env={task}, but env={expected_task} was asked for")
+        engine = run_cfg["env"].get("engine", DEFAULT_ENGINE)   # absent before env.engine: the default
+        if engine not in ENGINES:
+            raise ConfigError(f"checkpoint={p} was written with env.engine={engine!r}; allowed: {list(ENGINES)}")
         if run_cfg.get("victim") is not None:
             raise ConfigError(f"checkpoint={p} is a learned adversary (trained against {run_cfg['victim']}), "
                               "not a policy to evaluate; evaluate its victim with attacks=[optimal]")
@@ -222,7 +228,8 @@ def evaluate(cfg: DictConfig) -> dict:
         task = run_cfg["env"]["name"]
         t0 = time.perf_counter()
         result = evaluate_policy(actor, critic_from_checkpoint(ckpt), norm_state, task, cfg, victim_path=p,
-                                 device=device, run_eps=run_cfg["env"].get("eps"))
+                                 device=device, run_eps=run_cfg["env"].get("eps"),
+                                 engine=run_cfg["env"].get("engine", DEFAULT_ENGINE))
         out = {"checkpoint": str(p.resolve()), "frames_trained": ckpt["prunerl"]["frames"], **result,
                "wall_time_s": time.perf_counter() - t0}
         json_path = p.with_suffix(".eval.json")

@@ -10,15 +10,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from prunerl.envs import make_env, normalizer_of
+from prunerl.envs import DEFAULT_ENGINE, make_env, normalizer_of
 from prunerl.models import ActorPolicy, GaussianActor
 
 Perturbation = Callable[[torch.Tensor], torch.Tensor]
 
 
-def frozen_env(normalizer_state: dict, task: str, num_envs: int, seed: int):
-    """The task's batched env with the checkpoint's normaliser loaded and frozen."""
-    env = make_env(task, num_envs, seed)
+def frozen_env(normalizer_state: dict, task: str, num_envs: int, seed: int, engine: str = DEFAULT_ENGINE):
+    """The task's batched env (on the run's ``env.engine``) with the checkpoint's normaliser loaded
+    and frozen."""
+    env = make_env(task, num_envs, seed, engine=engine)
     norm = normalizer_of(env)
     norm.load_statistics(normalizer_state).freeze()
     return env
@@ -26,7 +27,8 @@ def frozen_env(normalizer_state: dict, task: str, num_envs: int, seed: int):
 
 @torch.no_grad()
 def collect_transitions(actor: GaussianActor, normalizer_state: dict, task: str, frames: int, *,
-                        seed: int = 12345, num_envs: int = 16, deterministic: bool = False) -> dict:
+                        seed: int = 12345, num_envs: int = 16, deterministic: bool = False,
+                        engine: str = DEFAULT_ENGINE) -> dict:
     """``frames`` clean transitions (s, a, r, s', a', terminated) of the victim, flat, for Robust Sarsa.
 
     ``r`` is the reward scaled by the frozen normaliser (the scale the victim's critic learned).
@@ -37,7 +39,7 @@ def collect_transitions(actor: GaussianActor, normalizer_state: dict, task: str,
     taken; only a time-limit end bootstraps from it, a terminal one does not (``terminated``).
     Rows are step-major: row ``t·num_envs + i`` is env ``i`` at step ``t``.
     """
-    env = frozen_env(normalizer_state, task, num_envs, seed)
+    env = frozen_env(normalizer_state, task, num_envs, seed, engine)
     policy = ActorPolicy(actor, deterministic=deterministic)
     keys = ("observation", "action", "reward", "next_observation", "terminated", "done")
     out: dict[str, list] = {k: [] for k in keys}
@@ -70,7 +72,8 @@ def collect_transitions(actor: GaussianActor, normalizer_state: dict, task: str,
 @torch.no_grad()
 def run_episodes(actor: GaussianActor, normalizer_state: dict, task: str, episodes: int, *,
                  deterministic: bool = True, seed: int = 12345, num_envs: int | None = None,
-                 perturb: Perturbation | None = None, device: str | torch.device = "cpu") -> dict:
+                 perturb: Perturbation | None = None, device: str | torch.device = "cpu",
+                 engine: str = DEFAULT_ENGINE) -> dict:
     """Run ``episodes`` whole episodes with a frozen normaliser; return per-episode figures.
 
     Envs get fixed quotas (``episodes`` split evenly over ``num_envs``) so that short episodes are
@@ -80,7 +83,7 @@ def run_episodes(actor: GaussianActor, normalizer_state: dict, task: str, episod
     if episodes <= 0:
         raise ValueError(f"episodes={episodes} must be a positive integer")
     n = min(episodes, 16) if num_envs is None else num_envs
-    env = frozen_env(normalizer_state, task, n, seed)
+    env = frozen_env(normalizer_state, task, n, seed, engine)
     policy = ActorPolicy(actor, deterministic=deterministic)
     quota = np.array([episodes // n + (i < episodes % n) for i in range(n)])
     finished = np.zeros(n, dtype=int)

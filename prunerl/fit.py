@@ -26,7 +26,7 @@ from prunerl.checkpoint import actor_from_checkpoint, load_checkpoint
 from prunerl.config import ConfigError, resolve_device, validate_fit
 from prunerl.data import RolloutDataModule
 from prunerl.divergence import Diverged, DivergenceGuard
-from prunerl.envs import TASKS, make_env
+from prunerl.envs import DEFAULT_ENGINE, TASKS, make_env
 from prunerl.models import Critic, GaussianActor
 from prunerl.module import PPOModule
 from prunerl.preemption import FinalCheckpoint, Preemption, TimedCheckpoint
@@ -55,10 +55,10 @@ def build_env(cfg: DictConfig):
         return make_adversary_env(cfg.env.name, victim, victim_norm, cfg.env.num_envs, cfg.seed, eps=eps,
                                   similarity=adv.similarity, victim_deterministic=adv.victim_deterministic,
                                   gamma=cfg.algo.gamma, clip_obs=cfg.env.clip_obs,
-                                  scale_reward=cfg.env.scale_reward)
+                                  scale_reward=cfg.env.scale_reward, engine=cfg.env.get("engine", DEFAULT_ENGINE))
     return make_env(cfg.env.name, cfg.env.num_envs, cfg.seed, gamma=cfg.algo.gamma,
                     clip_obs=cfg.env.clip_obs, scale_reward=cfg.env.scale_reward,
-                    threads=cfg.env.get("threads", 1))
+                    threads=cfg.env.get("threads", 1), engine=cfg.env.get("engine", DEFAULT_ENGINE))
 
 
 def task_eps(cfg: DictConfig) -> float:

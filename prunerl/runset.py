@@ -31,9 +31,10 @@ from prunerl.rundir import read_summary
 
 UNPRUNED = "none"
 
-# Where and how a run was written, not what it computed: left out when comparing configs.
-IGNORED = ("run_dir", "resume", "skip_finished", "hydra", "logger", "device", "torch_threads", "env.threads", "checkpoint",
-           "victim", "trainer.accelerator", "trainer.devices", "trainer.enable_model_summary",
+# Where and how a run was written, not what it computed: left out when comparing configs
+# (env.engine too: the engines are bit-identical, tests/test_engines.py).
+IGNORED = ("run_dir", "resume", "skip_finished", "hydra", "logger", "device", "torch_threads", "env.threads",
+           "env.engine", "checkpoint", "victim", "trainer.accelerator", "trainer.devices", "trainer.enable_model_summary",
            "trainer.log_every_n_steps", "callbacks.progress",
            # what the Lipschitz callback measures, not what the run trained or evaluated; added with
            # issue 14, so runs from before and after it stay one setting

@@ -27,7 +27,7 @@ from prunerl import atomic
 from prunerl import attacks as A
 from prunerl.checkpoint import actor_from_checkpoint, frozen_normalizer, linear_shapes, load_checkpoint
 from prunerl.data import weights_fingerprint
-from prunerl.envs import RunningNormalizer
+from prunerl.envs import DEFAULT_ENGINE, RunningNormalizer
 from prunerl.evaluation import collect_transitions
 from prunerl.fit import fit
 from prunerl.models import GaussianActor
@@ -56,7 +56,7 @@ def rs_scan_pairs(rs) -> list[tuple[float, float]]:
 
 
 def robust_sarsa_qs(victim_path: Path, actor: GaussianActor, norm_state: dict, task: str, settings,
-                    log=print) -> list[tuple[float, float, A.QNetwork]]:
+                    log=print, engine: str = DEFAULT_ENGINE) -> list[tuple[float, float, A.QNetwork]]:
     """One Robust Sarsa Q per (ε_Q, reg) pair of ``settings.rs.scan``, as (ε_Q, reg, Q):
     loaded from the cache beside the victim's checkpoint, or trained (on transitions collected
     once for all missing pairs, with the same seed)."""
@@ -79,7 +79,7 @@ def robust_sarsa_qs(victim_path: Path, actor: GaussianActor, norm_state: dict, t
         with torch.random.fork_rng(devices=[]):
             if data is None:
                 torch.manual_seed(settings.seed)
-                data = collect_transitions(actor, norm_state, task, rs["frames"], seed=settings.seed)
+                data = collect_transitions(actor, norm_state, task, rs["frames"], seed=settings.seed, engine=engine)
             # each Q's initial weights and training from the seed alone: not from what used torch's
             # RNG before (a fit's callback vs the evaluate command), nor from which pairs were cached
             torch.manual_seed(settings.seed)

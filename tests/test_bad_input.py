@@ -28,6 +28,7 @@ def cli(*args, cwd=None):
         (["algo.minibatches=7"], "algo.frames_per_batch=1024 is not divisible by algo.minibatches=7"),
         (["total_frames=0"], "total_frames=0 must be a positive integer"),
         (["env.threads=0"], "env.threads=0 must be a positive integer"),
+        (["env.engine=bullet"], "env.engine='bullet' is not allowed; allowed: ['gymnasium', 'mujoco']"),
         (["device=tpu"], "device='tpu' is not allowed; allowed: ['auto', 'cpu', 'cuda']"),
         (["algo.model.activation=gelu"], "algo.model.activation='gelu' is not allowed"),
         (["resume=/no/such/file.ckpt"], "resume=/no/such/file.ckpt does not exist"),

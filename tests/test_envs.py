@@ -131,14 +131,14 @@ def test_running_statistics_match_numpy():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_envs_share_one_model_and_step_like_independent_gymnasium_envs(threads):
-    """The batched env steps all its envs with one MjModel, serially or in threads; each env's
+    """The gymnasium engine steps all its envs with one MjModel, serially or in threads; each env's
     trajectory is bit-identical to a standalone Gymnasium env's with the same seed and actions."""
     import gymnasium as gym
 
     n, steps = 3, 60
-    env = MujocoVecEnv("Walker2d-v5", n, seed=7, threads=threads)
-    assert len(env._chunks) == threads
-    assert len({id(e.unwrapped.model) for e in env.envs}) == 1
+    env = MujocoVecEnv("Walker2d-v5", n, seed=7, threads=threads, engine="gymnasium")
+    assert len(env.engine._chunks) == threads
+    assert len({id(e.unwrapped.model) for e in env.engine.envs}) == 1
     refs = [gym.make("Walker2d-v5", disable_env_checker=True) for _ in range(n)]
     ref_obs = np.stack([r.reset(seed=7 + i)[0] for i, r in enumerate(refs)])
     td = env.reset()
@@ -158,11 +158,12 @@ def test_envs_share_one_model_and_step_like_independent_gymnasium_envs(threads):
         td = out.clone()
 
 
-def test_threaded_stepping_is_bit_identical_over_resets():
+@pytest.mark.parametrize("engine", ["gymnasium", "mujoco"])
+def test_threaded_stepping_is_bit_identical_over_resets(engine):
     """threads=2 gives exactly threads=1's observations, rewards and done flags over 400 steps of
-    16 Hopper envs with resets; a bad thread count is refused."""
+    16 Hopper envs with resets, on either engine; a bad thread count is refused."""
     def run(threads):
-        env = make_env("hopper", 16, seed=3, threads=threads)
+        env = make_env("hopper", 16, seed=3, threads=threads, engine=engine)
         rng = np.random.default_rng(1)
         td, rows = env.reset(), []
         for _ in range(400):

@@ -20,7 +20,7 @@ def _module_name(path: Path) -> str:
 
 def import_graph() -> dict[str, set[str]]:
     """Module → the project modules it imports anywhere in its source."""
-    modules = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py")}
+    modules = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         deps = set()
