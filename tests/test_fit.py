@@ -159,6 +159,7 @@ def test_skip_finished_skips_the_same_finished_run_only(small_cfg, tmp_path):
     (["env=hopper"], 1.0, 0.01),
     (["env=ant"], 0.3, 0.01),                  # at σ = 1 Ant's control cost topples it
     (["env=halfcheetah"], 1.0, 0.0),           # entropy 0.01 holds HalfCheetah's σ near 1
+    (["env=walker2d"], 1.0, 0.0),              # Walker2d learns better without it (conf/env/walker2d.yaml)
     (["env=ant", "algo.model.sigma=0.7"], 0.7, 0.01),   # the command line still wins
     (["env=halfcheetah", "algo=paper"], 0.1, 0.01),     # the paper's recipe is its own
     (["experiment=paper_ant"], 0.1, 0.01),
