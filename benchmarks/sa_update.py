@@ -17,10 +17,12 @@ starting at 1). For each network size in ``--hidden`` (default: 256x256, the def
 
 Each repeat runs every variant once, in an order that rotates with the repeat, ``--calls`` calls
 each after ``--warmup`` untimed ones; the figures are medians over ``--repeats`` of ms per call,
-the speedups are ratios of medians (and the per-repeat ratios are kept). Writes
-``results/sa_update.json``. Run it on an idle machine:
+the speedups are ratios of medians (and the per-repeat ratios are kept). ``--threads 1 2`` times
+every variant at each torch thread count too (``torch_threads`` in ``conf/config.yaml`` is 1; the
+updates run after collection, so a second core is idle then). Writes ``results/sa_update.json``.
+Run it on an idle machine:
 
-    python benchmarks/sa_update.py [--repeats 7] [--calls 256] [--hidden 256,256 64,64]
+    python benchmarks/sa_update.py [--repeats 7] [--calls 256] [--hidden 256,256 64,64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -121,6 +123,17 @@ def inner_loop_timer(hidden, impl: str, batches: list):
     return run
 
 
+def with_threads(n: int, timer):
+    """``timer`` run with ``n`` torch threads (set back to 1 after)."""
+    def run(calls: int) -> float:
+        torch.set_num_threads(n)
+        try:
+            return timer(calls)
+        finally:
+            torch.set_num_threads(1)
+    return run
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=7)
@@ -128,6 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=32, help="untimed calls per variant before the repeats")
     p.add_argument("--hidden", nargs="+", default=["256,256", "64,64"],
                    help="network sizes, each comma-separated widths (default: 256,256 64,64)")
+    p.add_argument("--threads", nargs="+", type=int, default=[1], help="torch thread counts (default: 1)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sa_update.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -136,14 +150,15 @@ def main(argv=None) -> int:
     load_before = load_average()
     batches = rollout_minibatches()
     sizes = [tuple(int(w) for w in h.split(",")) for h in args.hidden]
+    tags = [("x".join(map(str, h)) + ("" if args.threads == [1] else f"/t{n}"), h, n)
+            for h in sizes for n in args.threads]
     timers: dict[str, callable] = {}
-    for hidden in sizes:
-        tag = "x".join(map(str, hidden))
+    for tag, hidden, threads in tags:
         for impl in IMPLS:
-            timers[f"{tag}/inner_loop/{impl}"] = inner_loop_timer(hidden, impl, batches)
+            timers[f"{tag}/inner_loop/{impl}"] = with_threads(threads, inner_loop_timer(hidden, impl, batches))
         for impl in IMPLS:
-            timers[f"{tag}/update/{impl}"] = update_timer(hidden, KAPPA, impl, batches)
-        timers[f"{tag}/update/kappa0"] = update_timer(hidden, 0.0, "auto", batches)
+            timers[f"{tag}/update/{impl}"] = with_threads(threads, update_timer(hidden, KAPPA, impl, batches))
+        timers[f"{tag}/update/kappa0"] = with_threads(threads, update_timer(hidden, 0.0, "auto", batches))
     for fn in timers.values():
         fn(args.warmup)
 
@@ -157,8 +172,7 @@ def main(argv=None) -> int:
 
     median = {k: statistics.median(v) for k, v in runs.items()}
     speedup, per_repeat = {}, {}
-    for hidden in sizes:
-        tag = "x".join(map(str, hidden))
+    for tag, _, _ in tags:
         for what in ("inner_loop", "update"):
             old, new = runs[f"{tag}/{what}/reference"], runs[f"{tag}/{what}/auto"]
             speedup[f"{tag}/{what}"] = statistics.median(old) / statistics.median(new)
@@ -170,7 +184,7 @@ def main(argv=None) -> int:
         "settings": {"task": "hopper", "minibatch": 64, "minibatches": len(batches), "activation": "tanh",
                      "hidden": [list(h) for h in sizes], "kappa": KAPPA, "eps": EPS, "steps": STEPS,
                      "step_ratio": STEP_RATIO, "learn_std": True, "calls": args.calls, "warmup": args.warmup,
-                     "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+                     "repeats": args.repeats, "torch_threads": args.threads,
                      "onednn_linear": onednn, "onednn_min_weights": sa.ONEDNN_MIN_WEIGHTS,
                      "statistic": "median over repeats of ms per call; speedup = reference / auto"},
         "ms_per_call": median,
