@@ -196,7 +196,8 @@ def _max_kl_fast(plan: list[tuple], obs: torch.Tensor, mean: torch.Tensor, std: 
 
     s_hat = (obs + alpha * rand_like(obs).sign()).clamp(lo, hi) if random_start else obs.clone()
     best, best_kl2 = s_hat, torch.full(obs.shape[:-1], -2.0, device=obs.device)
-    one, two, scale = (torch.tensor(x, dtype=obs.dtype, device=obs.device) for x in (1.0, 2.0, (2 * alpha) ** 0.5 * noise))
+    one, two, scale = (torch.tensor(x, dtype=obs.dtype, device=obs.device)
+                       for x in (1.0, 2.0, (2 * alpha) ** 0.5 * noise))
     for i in range(steps + 1):
         kl2, grad = _kl2_and_input_grad(plan, s_hat, mean, std, i < steps, one, two)
         better = kl2 > best_kl2
