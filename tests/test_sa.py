@@ -249,18 +249,21 @@ def test_onednn_input_gradient_is_autograds(seed, activation, hidden, sparsity):
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), activation=st.sampled_from(["tanh", "relu"]),
        hidden=st.sampled_from([(16,), (64, 64), (48, 24, 40)]), eps=st.sampled_from([0.01, 0.075, 0.3]),
-       steps=st.integers(1, 12), ratio=st.sampled_from([0.1, 0.25]), sparsity=st.sampled_from([0.0, 0.5]))
-def test_onednn_loop_finds_the_references_points(seed, activation, hidden, eps, steps, ratio, sparsity):
+       steps=st.integers(1, 12), ratio=st.sampled_from([0.1, 0.25]), sparsity=st.sampled_from([0.0, 0.5]),
+       noise=st.sampled_from([1e-5, 10.0]))
+def test_onednn_loop_finds_the_references_points(seed, activation, hidden, eps, steps, ratio, sparsity, noise):
     """Every layer on oneDNN: the loop finds the reference's KL state by state and stays in the ball.
     Its ŝ is the reference's on most states; where float rounding flips the sign of a ~0 gradient
     entry (near an interior maximum, where the steps oscillate), the sign-gradient path moves ±α in
     that coordinate and may end on another point of (near) the same KL: over 864 drawn cases
     (step ε/10) ≥ 80% of the states had the same ŝ bit for bit, ≥ 96.9% a KL within 1e-3 relative
-    of the reference's. So the check is on the KL; ŝ equality only where it holds."""
+    of the reference's. So the check is on the KL; ŝ equality only where it holds. With a large SGLD
+    noise (β = 10) the steps are a random walk that float rounding cannot steer: the paths agree and
+    the best point seen (not the last) is what both must return."""
     actor = _pruned_actor(seed, hidden, activation, sparsity)
     obs = torch.randn(64, 11) * 2
     with _OneDNN(0):
-        (s_fast, kl_fast), (s_ref, kl_ref) = _both(actor, obs, eps, steps, ratio, seed)
+        (s_fast, kl_fast), (s_ref, kl_ref) = _both(actor, obs, eps, steps, ratio, seed, noise=noise)
     assert (s_fast - obs).abs().max() <= eps + 1e-6
     same = (s_fast == s_ref).all(-1)
     assert same.any()
@@ -287,10 +290,12 @@ def test_fast_loop_reads_the_weights_at_each_call():
         assert torch.allclose(kl_fast.mean(), kl_ref.mean(), rtol=1e-3)
 
 
+@pytest.mark.parametrize("steps,ratio", [(10, 0.1), (12, 0.25)])
 @pytest.mark.parametrize("min_weights", [float("inf"), 0])
-def test_sa_loss_and_its_gradient_are_the_references(min_weights):
-    """R_SA and ∇θ R_SA through the fast loop equal those through the reference loop: bitwise with
-    no layer on oneDNN; within float tolerance with every layer on it."""
+def test_sa_loss_and_its_gradient_are_the_references(min_weights, steps, ratio):
+    """R_SA, the KL found and ∇θ R_SA through the fast loop equal those through the reference loop:
+    bitwise with no layer on oneDNN; within float rounding with every layer on it (measured:
+    ≤ 2.4e-7 relative on the loss, ≤ 1.8e-6 on the gradient)."""
     if min_weights == 0 and not _onednn_available():
         pytest.skip("this torch has no oneDNN linear")
     actor = _pruned_actor(3, (64, 64), "tanh", 0.5)
@@ -299,7 +304,8 @@ def test_sa_loss_and_its_gradient_are_the_references(min_weights):
 
     def loss_and_grads(impl):
         torch.manual_seed(7)
-        loss, kl = sa_regularizer(actor, obs, actor.std, 0.075, 10, 0.0075, mean=actor(obs), input_gradient=impl)
+        loss, kl = sa_regularizer(actor, obs, actor.std, 0.075, steps, ratio * 0.075, mean=actor(obs),
+                                  input_gradient=impl)
         return loss, kl, torch.autograd.grad(loss, params)
 
     with _OneDNN(min_weights):
@@ -309,9 +315,9 @@ def test_sa_loss_and_its_gradient_are_the_references(min_weights):
         assert torch.equal(loss_f, loss_r) and torch.equal(kl_f, kl_r)
         assert all(torch.equal(a, b) for a, b in zip(grads_f, grads_r))
     else:
-        assert torch.allclose(loss_f, loss_r, rtol=1e-3) and torch.allclose(kl_f, kl_r, rtol=1e-3)
+        assert torch.allclose(loss_f, loss_r, rtol=1e-5, atol=0) and torch.allclose(kl_f, kl_r, rtol=1e-5, atol=0)
         for a, b in zip(grads_f, grads_r):
-            assert torch.allclose(a, b, rtol=1e-2, atol=1e-3 * float(b.abs().max()))
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 def test_input_gradient_is_validated():
