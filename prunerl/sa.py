@@ -99,8 +99,8 @@ def _kl_and_input_grad(layers: list[nn.Module], s_hat: torch.Tensor, mean: torch
 INPUT_GRADIENTS = ("auto", "reference", "autograd")
 
 #: A Linear layer with at least this many weights runs on oneDNN in the fast path (CPU, float32).
-#: Measured (AMD EPYC Zen 5, torch 2.13, one thread, 64 rows; benchmarks/sa_update.py times the
-#: whole loop): 256×256 MKL addmm 88 µs vs oneDNN 53 µs (59 µs with the tanh fused; MKL
+#: Measured (AMD EPYC Zen 5, a shared 2-core machine, torch 2.13, one thread, 64 rows;
+#: benchmarks/sa_update.py times the whole loop): 256×256 MKL addmm 88 µs vs oneDNN 53 µs (59 µs with the tanh fused; MKL
 #: takes no AVX-512 path on AMD); oneDNN's ~12 µs fixed cost per call loses below ~64×256 (64×64:
 #: addmm 8 µs vs 15 µs). The rule is on shapes only, so a run's arithmetic does not depend on timing.
 ONEDNN_MIN_WEIGHTS = 16384
@@ -116,7 +116,7 @@ def _onednn_linear():
         op = torch.ops.mkldnn._linear_pointwise
         x, w, b = torch.ones(2, 3), torch.ones(4, 3), torch.zeros(4)
         ok = torch.equal(op(x, w, b, "tanh", [], ""), torch.full((2, 4), 3.0).tanh())
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError, NotImplementedError):
         return None
     return op if ok else None
 
