@@ -14,7 +14,7 @@ from tensordict import TensorDictBase
 from prunerl.divergence import Diverged, check, parameters_of
 from prunerl.models import Critic, GaussianActor
 from prunerl.ppo import ppo_diagnostics, ppo_loss_terms
-from prunerl.sa import sa_regularizer
+from prunerl.sa import INPUT_GRADIENTS, sa_regularizer
 
 
 class PPOModule(L.LightningModule):
@@ -23,7 +23,7 @@ class PPOModule(L.LightningModule):
                  ent_coef: float = 0.01, max_grad_norm: float = 1.0, normalize_advantage: bool = True,
                  kappa: float = 0.0, eps: float = 0.0, sa_steps: int = 10,
                  sa_step_ratio: float = 0.1, eps_ramp: float = 0.75, anneal_lr: bool = False,
-                 updates_per_rollout: int | None = None):
+                 updates_per_rollout: int | None = None, sa_input_gradient: str = "auto"):
         super().__init__()
         self.automatic_optimization = False
         self.actor = actor
@@ -38,6 +38,11 @@ class PPOModule(L.LightningModule):
         self.normalize_advantage = normalize_advantage
         self.kappa, self.eps = kappa, eps
         self.sa_steps, self.sa_step_ratio, self.eps_ramp = sa_steps, sa_step_ratio, eps_ramp
+        # the inner loop's implementation (prunerl.sa.INPUT_GRADIENTS): "auto" is the fast path;
+        # "reference" (the loop before it) is for the same-maths tests and benchmarks/sa_update.py
+        if sa_input_gradient not in INPUT_GRADIENTS:
+            raise ValueError(f"sa_input_gradient={sa_input_gradient!r} is not allowed; allowed: {list(INPUT_GRADIENTS)}")
+        self.sa_input_gradient = sa_input_gradient
         self._step_metrics: list[torch.Tensor] = []
         self._log_ratios: list[torch.Tensor] = []  # this rollout's log r, for ppo_diagnostics
         # figures callbacks (pruning, Lipschitz) add to this rollout's metrics row; merged and
@@ -100,7 +105,8 @@ class PPOModule(L.LightningModule):
         if self.kappa > 0:  # κ = 0 skips the inner maximisation entirely
             eps_t = self.sa_eps(self.global_step)
             reg, kl_found = sa_regularizer(self.actor, obs, self.actor.std, eps_t, self.sa_steps,
-                                           eps_t * self.sa_step_ratio, mean=mean)
+                                           eps_t * self.sa_step_ratio, mean=mean,
+                                           input_gradient=self.sa_input_gradient)
             loss = loss + self.kappa * reg
             metrics.update(loss_sa=reg.detach(), sa_kl=kl_found, sa_eps=torch.tensor(eps_t))
         metrics["loss"] = loss.detach()

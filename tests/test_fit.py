@@ -57,6 +57,37 @@ def test_kappa_zero_skips_the_sa_loop(small_cfg, tmp_path, monkeypatch):
     assert not any(k.startswith("sa/") for row in read_metrics(tmp_path / "run") for k in row)
 
 
+def test_fast_sa_loop_trains_as_the_reference(small_cfg, tmp_path, monkeypatch):
+    """A real fit (Hopper, 128×128 nets: the size from which the fast inner loop runs its hidden
+    layer on oneDNN, where this torch has it, pruning on) with the fast inner loop and with the
+    reference loop: the same SA loss and KL found, update by update, and the same run."""
+    from prunerl import module, sa
+
+    def run(impl):
+        seen = []
+
+        def spy(*a, **k):
+            loss, kl = sa.sa_regularizer(*a, **{**k, "input_gradient": impl})
+            seen.append(torch.stack([loss.detach(), kl]))
+            on_onednn.append(any(onednn for *_, onednn in sa._fast_plan(a[0])))
+            return loss, kl
+
+        monkeypatch.setattr(module, "sa_regularizer", spy)
+        summary = fit(small_cfg("env=hopper", "algo.model.hidden=[128,128]", "algo.sa.eps_ramp=0",
+                                "++callbacks.evaluation=null", run_dir=tmp_path / impl))
+        return torch.stack(seen), summary
+
+    on_onednn = []
+    fast, fast_summary = run("auto")
+    assert set(on_onednn) == {sa._onednn_linear() is not None}
+    ref, ref_summary = run("reference")
+    assert fast.shape == ref.shape == (32, 2) and (ref[:, 0] > 0).all()   # 2 rollouts × 16 updates
+    assert torch.allclose(fast[:, 0], ref[:, 0], rtol=1e-5, atol=0)       # R_SA
+    assert torch.allclose(fast[:, 1], ref[:, 1], rtol=1e-4, atol=0)       # KL found
+    assert fast_summary["train_return"] == pytest.approx(ref_summary["train_return"], rel=1e-4)
+    assert fast_summary["sparsity"]["actor"] > 0.1   # the masks were on for part of the run
+
+
 def test_rollouts_use_the_newest_weights(small_cfg, monkeypatch):
     from prunerl import fit as fit_mod
 
