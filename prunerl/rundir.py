@@ -220,9 +220,11 @@ def continue_logs(loggers, step: int) -> None:
     """A run resumed in place from the checkpoint of update ``step``: the loggers' own files go on
     where that checkpoint left them. Lightning's CSVLogger would delete ``csv/metrics.csv``; here
     its rows up to ``step`` are kept (later ones are redone by the resumed run). A W&B logger
-    continues the run it logged to (same id, ``resume="allow"``; W&B drops the redone steps it
-    already has — they are identical, the resume being exact). TensorBoard starts a new event
-    file beside the old ones (the redone steps appear in both)."""
+    logs under the id of the run it logged to (``resume="allow"``), but W&B keeps what it has: the
+    rollouts redone since the checkpoint are logged again (W&B's own step counts on, so they
+    appear twice, with equal values and the same ``trainer/global_step``), as in TensorBoard,
+    which starts a new event file beside the old ones. Offline, each part is its own
+    ``wandb/offline-run-*`` folder, synced separately. (Not tested against a W&B server.)"""
     for logger in loggers:
         if isinstance(logger, CSVLogger) and logger._experiment is None:
             logger._experiment = _ContinuedCSV(logger.log_dir, step)
