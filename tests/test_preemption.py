@@ -112,6 +112,34 @@ def test_a_signal_during_the_end_of_run_evaluation_lets_it_finish_and_the_run_co
     assert s["status"] == "finished" and s["signal_received"] == "SIGTERM" and s["clean_return"] is not None
 
 
+def test_a_preemption_inside_a_periodic_evaluations_adversary_training_checkpoints_and_stops(small_cfg, tmp_path,
+                                                                                             monkeypatch):
+    """``optimal`` in a periodic evaluation trains learned adversaries by a nested ``fit``, whose own
+    handlers take the signal; its ``Interrupted`` must stop the outer run as a preemption does
+    (checkpoint, interrupted summary, exit 75), and the resumed run must evaluate there again."""
+    import prunerl.evaluate
+    from prunerl.preemption import Interrupted
+
+    calls = []
+
+    def preempted(*args, **kwargs):   # a stand-in for the nested fit that took a SIGTERM
+        calls.append(args[0])
+        raise Interrupted("SIGTERM")
+
+    monkeypatch.setattr(prunerl.evaluate, "learned_adversaries", preempted)
+    run = tmp_path / "run"
+    s = fit(small_cfg(*OVER, "evaluation.attacks=[optimal]", "evaluation.episodes=2",
+                      "evaluation.every_frames=1024", run_dir=run))
+    assert len(calls) == 1 and calls[0].name == "eval-f1024.ckpt"
+    assert s["status"] == "interrupted" and s["interrupted_by"] == "SIGTERM"
+    assert s["frames"] == 1024 and s["updates"] == 16 and s["clean_return"] is None
+    assert read_summary(run)["status"] == "interrupted" and s["resume"] == str(run / "checkpoints" / "last.ckpt")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["prunerl"]["frames"] == 1024
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("AdversarialEvaluation"))
+    assert state["next_at"] == 1024 and state["history"] == []   # resumed, it evaluates at 1,024 frames
+
+
 def test_the_cli_exits_75_with_a_resume_line_and_the_report_names_the_interrupted_run(tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "prunerl", "fit", "env=inverted_pendulum", "env.num_envs=8", "total_frames=40960",
