@@ -16,7 +16,9 @@ The last evaluation goes to ``summary.json``: ``clean_return``, ``attack_returns
 Training is not disturbed: the evaluation runs its own envs, draws from its own generators and
 restores torch's global RNG (which the checkpoint carries for exact resume). ``rs`` and
 ``optimal`` need a checkpoint to cache their trained models beside: one is written to
-``checkpoints/eval-f<frames>.ckpt`` when they are asked for.
+``checkpoints/eval-f<frames>.ckpt`` when they are asked for. A preemption signal that the training
+of a learned adversary takes (its nested ``fit`` has its own handlers) stops the run as
+:class:`~prunerl.preemption.Preemption` does; the resumed run repeats that evaluation.
 """
 
 from __future__ import annotations
@@ -46,8 +48,13 @@ class AdversarialEvaluation(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         frames = trainer.datamodule.frames
         if self.every and frames >= self.next_at:
+            try:
+                self.evaluate(trainer, pl_module)
+            except Interrupted as e:   # a learned adversary's training took the signal: stop as Preemption
+                self.interrupted = str(e)   # would (checkpoint, summary, exit 75); the resumed run
+                trainer.should_stop = True  # evaluates here again (next_at not advanced)
+                return
             self.next_at = (frames // self.every + 1) * self.every
-            self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
         self.finish(trainer, pl_module)

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from prunerl.config import ConfigError
 from prunerl.preemption import Interrupted
@@ -64,6 +65,7 @@ def _run(command: str, cfg: DictConfig):
             from prunerl.preemption import EXIT_INTERRUPTED, requeue_on_slurm
             from prunerl.rundir import format_summary
 
+            _refuse_resume_auto_in_a_new_dir(cfg)
             summary = fit(cfg)
             if summary.get("busy"):
                 print(f"skipped: {summary['run_dir']} is being trained by another fit", flush=True)
@@ -108,19 +110,57 @@ def _run(command: str, cfg: DictConfig):
         sys.exit(EXIT_INTERRUPTED)
 
 
+def _refuse_resume_auto_in_a_new_dir(cfg: DictConfig) -> None:
+    """``resume=auto`` continues the run in ``hydra.run.dir``; with a timestamped one (the default)
+    that is a new directory on every call, so the run would start from scratch without a word."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from prunerl.preemption import timestamped_run_dir
+
+    if cfg.get("resume") != "auto" or not HydraConfig.initialized() or _multirun():
+        return
+    why = timestamped_run_dir(HydraConfig.get())
+    if why is not None:
+        raise ConfigError(f"resume=auto needs hydra.run.dir=<the run dir>: {why} (a new directory on every call, "
+                          "with nothing to continue); give the run's dir, or resume=<RUN_DIR> to continue it "
+                          "into a new run dir")
+
+
 def _remove_made_run_dir(cfg: DictConfig) -> None:
-    """A refused ``fit`` leaves nothing: Hydra makes the run dir before any check of ours; remove it
-    if it is empty and was not there before the command (a dir the user gave that existed stays)."""
-    try:
-        run_dir = Path(str(cfg.run_dir))
-    except Exception:  # noqa: BLE001 — no resolvable run dir: nothing to remove
-        return
-    if str(run_dir) in _EXISTED or run_dir.resolve() in {Path(p).resolve() for p in _EXISTED}:
-        return
-    try:
-        run_dir.rmdir()   # only an empty directory
-    except OSError:
-        pass
+    """A refused ``fit`` leaves nothing: Hydra makes the run dir, and its missing parents (e.g.
+    ``outputs/hopper/``), before any check of ours; remove those it made, if empty (a dir that
+    existed before the command stays)."""
+    made = _MADE["dirs"]   # RUN mode: noted by MadeRunDir, deepest first
+    if made is None:   # a multirun job: its own run dir, unless given and there before
+        try:
+            run_dir = Path(str(cfg.run_dir))
+        except Exception:  # noqa: BLE001 — no resolvable run dir: nothing to remove
+            return
+        if str(run_dir) in _EXISTED or run_dir.resolve() in {Path(p).resolve() for p in _EXISTED}:
+            return
+        made = [run_dir]
+    for d in made:
+        try:
+            d.rmdir()   # only an empty directory
+        except OSError:
+            break
+
+
+class MadeRunDir(Callback):
+    """A Hydra callback (conf/config.yaml ``hydra.callbacks``): notes which of ``hydra.run.dir`` and
+    its parents do not exist yet, just before Hydra makes them, for :func:`_remove_made_run_dir`."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _MADE["dirs"] = None
+        try:
+            d = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
+        except Exception:  # noqa: BLE001 — an unresolvable run dir fails in Hydra itself, said there
+            return
+        missing = []
+        while not d.exists():
+            missing.append(d)
+            d = d.parent
+        _MADE["dirs"] = missing
 
 
 def _multirun() -> bool:
@@ -174,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     # Hydra reports a bad command line (unknown key, unknown group option, unparsable override) in
     # several lines and exits 1; hold its stderr until the command starts, and say it in one line.
     _HELD.update(real=sys.stderr, held=io.StringIO(), started=False)
+    _MADE["dirs"] = None
     sys.stderr = _HELD["held"]
     try:
         # a top-level function and a str: launchers that pickle the task (joblib, submitit) can
@@ -203,6 +244,7 @@ HYDRA_INPUT_ERRORS = ("Could not override", "Could not find", "Could not load", 
                       "is not in struct", "Could not append")
 _HELD: dict = {"real": None, "held": None, "started": True}
 _EXISTED: set[str] = set()   # run dirs given on the command line that existed before it ran
+_MADE: dict = {"dirs": None}  # hydra.run.dir and its parents that Hydra made for this command (MadeRunDir)
 
 
 def _release() -> None:

@@ -10,9 +10,11 @@ with exactly the weights of the run that was never interrupted (tests/test_preem
 
 A second SIGINT (Ctrl-C twice) stops at once, as Ctrl-C usually does. The handlers are set as soon
 as ``fit`` holds its run dir (:meth:`Preemption.arm`: a signal while the env and models are built
-stops the run after its first rollout) and again when training starts, over Lightning's own SIGTERM
-handling (raise mid-rollout, no checkpoint) and SLURM auto-requeue; ``fit`` restores the previous
-handlers when it returns (:meth:`Preemption.disarm`).
+stops the run after its first rollout) and again when training starts; ``fit`` restores the previous
+handlers when it returns (:meth:`Preemption.disarm`). Lightning's own SIGTERM handler is never
+registered (:meth:`Preemption.setup`): its flag makes the loop raise ``SIGTERMException``, a
+``SystemExit`` that ends the process with status 0, no checkpoint and no summary. Lightning's SLURM
+auto-requeue is off too (``fit`` gives the Trainer ``SLURMEnvironment(auto_requeue=False)``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class Preemption(L.Callback):
 
     def __init__(self) -> None:
         self.interrupted: str | None = None   # the signal's name, once one arrived
-        self._previous: dict = {}   # the handlers Lightning set (restored when training ends)
+        self._previous: dict = {}   # the handlers as training started (restored when it ends)
         self._outer: dict = {}      # the handlers before fit (restored by disarm)
 
     def arm(self) -> None:
@@ -56,13 +58,28 @@ class Preemption(L.Callback):
         name = signal.Signals(signum).name
         if self.interrupted is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt   # the second Ctrl-C: stop now
-        if self.interrupted is None:
-            print(f"\nreceived {name}: finishing this rollout, then writing a checkpoint and stopping", flush=True)
-        self.interrupted = self.interrupted or name
+        first = self.interrupted is None
+        self.interrupted = self.interrupted or name   # first: the message below may fail
+        if first:
+            try:   # a print inside a handler raises if the signal came while the main thread was printing
+                print(f"\nreceived {name}: finishing this rollout, then writing a checkpoint and stopping", flush=True)
+            except (RuntimeError, OSError, ValueError):
+                pass
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        # before trainer._run registers Lightning's SIGTERM handler: keep it from doing so. That
+        # handler sets trainer.received_sigterm, and the training loop then raises SIGTERMException
+        # (a SystemExit: exit 0, no checkpoint, no summary) for a SIGTERM between its registration
+        # and on_train_start below; with it gone, ours (set by arm) catch every signal of that window
+        trainer._signal_connector.register_signal_handlers = lambda: None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # after Lightning has registered its own handlers (trainer._run), so ours win; signal
-        # handlers can only be set from the main thread (a run in a worker thread keeps Lightning's)
+        # whichever way Lightning's flag got set, the signal is ours: record it, and the loop must not raise
+        connector = trainer._signal_connector
+        if connector.received_sigterm:
+            connector.received_sigterm = False
+            self.interrupted = self.interrupted or "SIGTERM"
+        # take the signals again (a callback may have set handlers); only the main thread can
         if threading.current_thread() is not threading.main_thread():
             return
         self._previous = {s: signal.getsignal(s) for s in SIGNALS}

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import io
 import json
 import math
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ SUMMARY_KEYS = ("frames", "wall_time_s", "sps", "train_return", "clean_return", 
                 "sparsity", "lipschitz_surrogate", "certified_bound", "seed", "env_id", "kappa",
                 "pruning_method", "final_sparsity")
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl", "checkpoints")
+# flock refused by the file system (Lustre mounted noflock, some NFS setups): run without the lock
+NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK)
 
 
 class RunDir:
@@ -46,28 +50,41 @@ class RunDir:
 
     @property
     def lock_file(self) -> Path:
-        """``<parent>/.<run dir name>.lock``: beside the run dir, not in it, so that moving an
+        """``<parent>/.<run dir name>.lock`` of the resolved run dir (a run dir reached through a
+        symlink has the lock of its target): beside the run dir, not in it, so that moving an
         unfinished run aside (:meth:`move_aside`) never moves the lock a running ``fit`` holds."""
-        return self.path.with_name(f".{self.path.name}.lock")
+        path = self.path.resolve()
+        return path.with_name(f".{path.name}.lock")
 
     @contextlib.contextmanager
     def lock(self):
         """Hold this run dir for one ``fit``: a second ``fit`` into it while the first runs is refused
-        (never interleaved). An advisory ``flock`` on :attr:`lock_file`: the kernel drops it when the
-        holder exits, however it exits, so a crashed run never leaves the dir locked. The file is
-        removed on release; a process that locked a file already unlinked retries on the new one."""
+        (never interleaved). An advisory ``flock`` on :attr:`lock_file`, which names the holder
+        (``host:pid``): the kernel drops it when the holder exits, however it exits, so a crashed
+        run never leaves the dir locked. The file is removed on release; a process that locked a
+        file already unlinked retries on the new one. A file system without ``flock`` runs
+        unlocked, with a warning."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = self.lock_file   # fixed while held: the run dir may be moved aside meanwhile
         while True:
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                host, _, pid = os.pread(fd, 256, 0).decode(errors="replace").strip().rpartition(":")
                 os.close(fd)
-                raise RunDirBusy(f"hydra.run.dir={self.path} is in use by a running fit (pid {holder}); "
+                who = f"pid {pid} on {host}" if host else f"pid {pid}" if pid else "another process"
+                raise RunDirBusy(f"hydra.run.dir={self.path} is in use by a running fit ({who}); "
                                  "wait for it to finish or choose another directory") from None
+            except OSError as e:
+                if e.errno not in NO_FLOCK:
+                    os.close(fd)
+                    raise
+                print(f"warning: {lock_file.parent} does not support flock ({e.strerror}); running without "
+                      f"the run dir lock — make sure no other fit writes to {self.path}", flush=True)
+                break
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.lock_file).st_ino
+                same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -75,11 +92,11 @@ class RunDir:
             os.close(fd)   # the previous holder removed this file as we locked it: lock the new one
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            os.pwrite(fd, f"{socket.gethostname()}:{os.getpid()}".encode(), 0)
             yield self
         finally:
             with contextlib.suppress(OSError):
-                self.lock_file.unlink()   # while still held: no one can hold this inode meanwhile
+                lock_file.unlink()   # while still held: no one can hold this inode meanwhile
             os.close(fd)   # releases the lock
 
     def probe(self, min_free_mb: float = 0) -> None:
@@ -203,9 +220,11 @@ def continue_logs(loggers, step: int) -> None:
     """A run resumed in place from the checkpoint of update ``step``: the loggers' own files go on
     where that checkpoint left them. Lightning's CSVLogger would delete ``csv/metrics.csv``; here
     its rows up to ``step`` are kept (later ones are redone by the resumed run). A W&B logger
-    continues the run it logged to (same id, ``resume="allow"``; W&B drops the redone steps it
-    already has — they are identical, the resume being exact). TensorBoard starts a new event
-    file beside the old ones (the redone steps appear in both)."""
+    logs under the id of the run it logged to (``resume="allow"``), but W&B keeps what it has: the
+    rollouts redone since the checkpoint are logged again (W&B's own step counts on, so they
+    appear twice, with equal values and the same ``trainer/global_step``), as in TensorBoard,
+    which starts a new event file beside the old ones. Offline, each part is its own
+    ``wandb/offline-run-*`` folder, synced separately. (Not tested against a W&B server.)"""
     for logger in loggers:
         if isinstance(logger, CSVLogger) and logger._experiment is None:
             logger._experiment = _ContinuedCSV(logger.log_dir, step)

@@ -93,8 +93,27 @@ def test_cli_bad_value_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_refused_fit_leaves_no_directory_with_the_default_run_dir(tmp_path, monkeypatch, capsys):
+    """Hydra makes outputs/<env>/<time>_s<seed>/ before any check of ours: a refused fit removes it
+    and the parents Hydra made for it, but not a parent that was there before."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from prunerl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for before in ([], ["outputs"]):
+        for d in before:
+            (tmp_path / d).mkdir()
+        GlobalHydra.instance().clear()
+        with pytest.raises(SystemExit) as e:
+            main(["fit", "algo.kappa=-1"])
+        assert e.value.code == 2 and "algo.kappa=-1 is negative" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
 # -- the README's table of bad inputs, each row run as written -----------------------------------
 def _readme_rows():
+    """(command, arguments, message, whether it runs with the default hydra.run.dir) of each row."""
     text = (ROOT / "README.md").read_text()
     table = text.split("<!-- bad-input-table")[1].split("<!-- /bad-input-table -->")[0]
     rows = []
@@ -103,8 +122,8 @@ def _readme_rows():
         if len(cells) != 3:
             continue
         command, args, message = cells
-        args = [] if args.startswith("(no") or not args else args.strip("`").split()
-        rows.append((command, args, message.strip("`")))
+        code = args.split("`")[1] if args.count("`") >= 2 and not args.startswith("(no") else ""
+        rows.append((command, code.split(), message.strip("`"), "default hydra.run.dir" in args))
     return rows
 
 
@@ -138,8 +157,9 @@ def _tree(root: Path) -> dict:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
-@pytest.mark.parametrize("command, args, message", ROWS, ids=[f"{c} {' '.join(a)}" for c, a, _ in ROWS])
-def test_every_row_of_the_readme_table(bad_input_files, monkeypatch, capsys, command, args, message):
+@pytest.mark.parametrize("command, args, message, default_run_dir", ROWS,
+                         ids=[f"{c} {' '.join(a)}" for c, a, _, _ in ROWS])
+def test_every_row_of_the_readme_table(bad_input_files, monkeypatch, capsys, command, args, message, default_run_dir):
     from hydra.core.global_hydra import GlobalHydra
 
     from prunerl.cli import main
@@ -148,7 +168,7 @@ def test_every_row_of_the_readme_table(bad_input_files, monkeypatch, capsys, com
     monkeypatch.chdir(bad_input_files)
     before = _tree(bad_input_files)
     argv = [command, *args]
-    if command == "fit" and not any(a.startswith("hydra.run.dir=") for a in args):
+    if command == "fit" and not default_run_dir and not any(a.startswith("hydra.run.dir=") for a in args):
         argv.append("hydra.run.dir=RUN_OUT")
     GlobalHydra.instance().clear()
     with pytest.raises(SystemExit) as e:
@@ -158,6 +178,6 @@ def test_every_row_of_the_readme_table(bad_input_files, monkeypatch, capsys, com
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], err
     assert "Traceback" not in err
-    # nothing written, not even the run dir Hydra makes before any check of ours
-    assert not (bad_input_files / "RUN_OUT").exists()
+    # nothing written, not even the run dir (and its parents: outputs/hopper/) Hydra makes before any check of ours
+    assert not (bad_input_files / "RUN_OUT").exists() and not (bad_input_files / "outputs").exists()
     assert _tree(bad_input_files) == before

@@ -1,5 +1,9 @@
 """Two fits into one run dir at once: the second is refused (or skipped in a sweep), never interleaved."""
 
+import errno
+import os
+import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -38,7 +42,8 @@ def held(tmp_path):
 
 def test_a_second_fit_into_a_run_dir_in_use_is_refused_and_writes_nothing(small_cfg, held):
     run, proc = held
-    with pytest.raises(ConfigError, match=rf"hydra.run.dir={run} is in use by a running fit \(pid {proc.pid}\)"):
+    host = re.escape(socket.gethostname())   # on a cluster a bare pid means little: the holder's host too
+    with pytest.raises(ConfigError, match=rf"hydra.run.dir={run} is in use by a running fit \(pid {proc.pid} on {host}\)"):
         fit(small_cfg(run_dir=run))
     assert not run.exists() or not any(run.iterdir())   # the lock is beside the run dir, not in it
 
@@ -100,3 +105,35 @@ def test_a_lock_file_removed_by_its_releasing_holder_is_not_held_twice(tmp_path,
         with run.lock():
             pass
     os.close(others[0])
+
+
+def test_a_run_dir_reached_through_a_symlink_has_the_lock_of_its_target(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with RunDir(tmp_path / "real").lock():
+        with pytest.raises(RunDirBusy):
+            with RunDir(tmp_path / "link").lock():
+                pass
+
+
+@pytest.mark.parametrize("code", ["ENOSYS", "EOPNOTSUPP", "ENOLCK"])
+def test_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys, code):
+    """Lustre mounted noflock and some NFS setups refuse flock: a warning, not a crash before training."""
+    import prunerl.rundir as rundir
+
+    def unsupported(fd, op):
+        raise OSError(getattr(errno, code), f"flock: {code}")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", unsupported)
+    run = RunDir(tmp_path / "run")
+    with run.lock():
+        assert run.lock_file.read_text() == f"{socket.gethostname()}:{os.getpid()}"
+    assert "does not support flock" in capsys.readouterr().out and not run.lock_file.exists()
+
+    def broken(fd, op):   # any other error is not "unsupported": it is raised
+        raise OSError(errno.EBADF, "flock: EBADF")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", broken)
+    with pytest.raises(OSError):
+        with run.lock():
+            pass
