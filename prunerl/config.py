@@ -92,6 +92,26 @@ def validate_numbers(cfg: DictConfig) -> None:
                           "e.g. [256,256]")
     if not isinstance(cfg.algo.model.learn_std, bool):
         raise ConfigError(f"algo.model.learn_std={cfg.algo.model.learn_std!r} must be true or false")
+    for key in BOOLEANS:
+        _boolean(key, _select(cfg, key))
+    r_max = _select(cfg, "env.r_max")
+    if r_max is not None and not _number(r_max, positive=True):
+        raise ConfigError(f"env.r_max={r_max!r} is not allowed; allowed: a number > 0 (R_max of the certified bound)")
+
+
+#: the true/false keys fit reads (a string such as ``maybe`` would otherwise be taken as true)
+BOOLEANS = ("algo.normalize_advantage", "algo.anneal_lr", "env.scale_reward")
+
+
+def _boolean(key: str, value) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+
+
+def _nonnegative_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{name}={value!r} must be an integer >= 0")
+    return value
 
 
 def validate_fit(cfg: DictConfig) -> None:
@@ -175,12 +195,35 @@ def validate_fit(cfg: DictConfig) -> None:
                               f"{sum(len(g['params']) for g in groups)} parameter tensors; this PruneRL "
                               "keeps one flat parameter buffer (written by an older version?) — "
                               "`evaluate` still reads it, but a run cannot continue from it")
+        saved = ckpt["prunerl"]["config"]
+        for key in RESUME_MUST_MATCH:
+            there, now = _select_dict(saved, key), _select(cfg, key)
+            now = list(now) if isinstance(now, ListConfig) else now
+            if there != now:
+                raise ConfigError(f"resume={cfg.resume} was trained with {key}={there!r}, but this run has "
+                                  f"{key}={now!r}; a run continues with the networks, envs and pruning it "
+                                  f"started with (set {key}={there!r}, or start a new run)")
+
+
+#: what a resumed run must share with the checkpoint it continues: the weights' and masks' shapes, the
+#: envs whose state travels in it, the mask layout (structured pruning keeps bias masks)
+RESUME_MUST_MATCH = ("algo.model.hidden", "algo.model.activation", "algo.model.learn_std", "env.num_envs",
+                     "pruning.criterion")
+
+
+def _select_dict(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
 def validate_certificate_cfg(lip: DictConfig) -> None:
     """``callbacks.lipschitz.certificates`` and ``.certificate_threshold`` (issue 14), before anything is written."""
     from prunerl.certify import check_certificate_settings
 
+    for key in ("states", "path_states", "every_n_updates", "quadrature_points", "full_every_n_mask_updates"):
+        if lip.get(key) is not None:
+            _positive_int(f"callbacks.lipschitz.{key}", lip.get(key))
     methods = lip.get("certificates", ["ibp", "crown"])
     if isinstance(methods, ListConfig):
         methods = list(methods)
@@ -241,8 +284,23 @@ def validate_attack_settings(ev, prefix: str = "") -> None:
         _positive_int(f"{prefix}num_envs", ev.num_envs)
     if ev.get("every_frames") is not None:
         _positive_int(f"{prefix}every_frames", ev.every_frames)
-    if not isinstance(ev.get("stochastic", False), bool):
-        raise ConfigError(f"{prefix}stochastic={ev.stochastic!r} must be true or false")
+    for key in ("stochastic", "deterministic", "random_start"):
+        _boolean(f"{prefix}{key}", ev.get(key))
+    if ev.get("seed") is not None:
+        _nonnegative_int(f"{prefix}seed", ev.seed)
+    if ev.get("rs") is not None:
+        for key in ("frames", "epochs", "minibatches"):
+            _positive_int(f"{prefix}rs.{key}", ev.rs.get(key))
+        if not _number(ev.rs.get("lr"), positive=True):
+            raise ConfigError(f"{prefix}rs.lr={ev.rs.get('lr')!r} is not allowed; allowed: a number > 0")
+        gamma = ev.rs.get("gamma")
+        if not (_number(gamma) and 0 < gamma <= 1):
+            raise ConfigError(f"{prefix}rs.gamma={gamma!r} is not allowed; allowed: a number in (0, 1]")
+        hidden = ev.rs.get("hidden")
+        if not isinstance(hidden, (list, ListConfig)) or not hidden or not all(
+                isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+            raise ConfigError(f"{prefix}rs.hidden={hidden!r} must be a non-empty list of positive integers "
+                              "(layer widths), e.g. [64,64]")
     scan = ev.rs.get("scan") if ev.get("rs") is not None else None
     pairs_ok = isinstance(scan, (list, ListConfig)) and len(scan) > 0 and all(
         isinstance(p, (list, ListConfig)) and len(p) == 2

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from prunerl import atomic
 from prunerl import attacks as A
 from prunerl.checkpoint import actor_from_checkpoint, critic_from_checkpoint, load_checkpoint
-from prunerl.config import ConfigError, resolve_device, validate_attack_settings
+from prunerl.config import ConfigError, _positive_int, resolve_device, validate_attack_settings
 from prunerl.envs import DEFAULT_ENGINE, ENGINES, TASKS
 from prunerl.evaluation import run_episodes
 from prunerl.models import Critic, GaussianActor
@@ -206,13 +206,17 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.checkpoint is None:
         raise ConfigError("checkpoint=PATH is required (e.g. checkpoint=outputs/.../checkpoints/last.ckpt)")
     validate_attack_settings(cfg)
+    _positive_int("torch_threads", cfg.torch_threads)
     expected_task = cfg.env.name if cfg.get("env") is not None else None
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.torch_threads)
     paths = _checkpoints(cfg.checkpoint)
     ckpts = [load_checkpoint(p) for p in paths]
     for p, ckpt in zip(paths, ckpts):
-        run_cfg = ckpt["prunerl"]["config"]
+        run_cfg = ckpt["prunerl"].get("config")
+        if not isinstance(run_cfg, dict) or not all(isinstance(run_cfg.get(k), dict) for k in ("env", "algo")):
+            raise ConfigError(f"checkpoint={p} holds no run config with env and algo (written by an older "
+                              "PruneRL?); expected a .ckpt written by `python -m prunerl fit`")
         task = run_cfg["env"]["name"]
         if expected_task is not None and task != expected_task:
             raise ConfigError(f"checkpoint={p} is a checkpoint of env={task}, but env={expected_task} was asked for")
