@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -82,7 +83,24 @@ def _worker_prunerl(args) -> dict:
     return {"final_return": summary["train_return"], "frames": summary["frames"],
             "episodes": summary["episodes"], "wall_time_s": summary["wall_time_s"], "sps": summary["sps"],
             "run_dir": str(run_dir), "num_envs": cfg.env.num_envs, "curve": curve,
+            "algo": _algo(cfg),
             "eval_return": _prunerl_eval(run_dir / "checkpoints" / "last.ckpt", args.task)}
+
+
+def _algo(cfg) -> dict:
+    """The resolved ``algo`` config a PruneRL run trained with: a finished run is reused only while
+    the recipe it ran is still the one asked for."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg.algo, resolve=True)
+
+
+def _recipe_algo(args, task: str) -> dict:
+    """The ``algo`` config that the PruneRL worker would compose for ``task`` now."""
+    overrides = (prunerl_overrides(kappa=0.0, num_envs=args.num_envs, total_frames=args.frames, seed=0,
+                                   run_dir="unused", extra=["algo.adam_eps=1e-8", f"env={task}"])
+                 if args.recipe == "sb3" else default_recipe_overrides(task, args.frames, 0, "unused"))
+    return _algo(compose_prunerl(overrides))
 
 
 def _prunerl_eval(ckpt: Path, task: str) -> float:
@@ -258,11 +276,23 @@ def main(argv=None) -> int:
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     jobs = [f"{t}_{side}_s{s}" for t in args.tasks for s in args.seeds for side in ("prunerl", "sb3")]
     results = {}
+    recipes: dict[str, dict] = {}
+
+    def now_algo(task: str) -> dict:
+        if task not in recipes:
+            recipes[task] = _recipe_algo(args, task)
+        return recipes[task]
+
     for j in jobs:
         f = args.runs_dir / f"{j}.json"
         if f.exists():
             r = json.loads(f.read_text())
             if r.get("frames", 0) >= args.frames and (args.recipe == "sb3" or "eval_return" in r):
+                task = j.split("_", 1)[0]
+                if "_prunerl_" in j and r.get("algo", now_algo(task)) != now_algo(task):
+                    print(f"{j}: its recipe is not today's ({f}); training it again", flush=True)
+                    shutil.rmtree(args.runs_dir / f"{j}_run", ignore_errors=True)  # its run dir is of the old recipe
+                    continue
                 results[j] = r
     todo = [j for j in jobs if j not in results]
     running: dict[str, subprocess.Popen] = {}
