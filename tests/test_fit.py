@@ -186,23 +186,27 @@ def test_skip_finished_skips_the_same_finished_run_only(small_cfg, tmp_path):
     assert fourth["resumed_from"] is None and (tmp_path / "run.partial-0" / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("overrides, sigma, ent_coef", [
-    (["env=hopper"], 1.0, 0.01),
-    (["env=ant"], 0.3, 0.01),                  # at σ = 1 Ant's control cost topples it
-    (["env=halfcheetah"], 1.0, 0.0),           # entropy 0.01 holds HalfCheetah's σ near 1
-    (["env=walker2d"], 1.0, 0.0),              # Walker2d learns better without it (conf/env/walker2d.yaml)
-    (["env=ant", "algo.model.sigma=0.7"], 0.7, 0.01),   # the command line still wins
-    (["env=halfcheetah", "algo=paper"], 0.1, 0.01),     # the paper's recipe is its own
-    (["experiment=paper_ant"], 0.1, 0.01),
+@pytest.mark.parametrize("overrides, sigma, ent_coef, minibatches, frames", [
+    (["env=hopper"], 1.0, 0.01, 16, 614400),   # minibatches of 128, 600k frames (conf/env/hopper.yaml)
+    (["env=ant"], 0.3, 0.01, 32, 400000),      # at σ = 1 Ant's control cost topples it
+    (["env=halfcheetah"], 1.0, 0.0, 32, 400000),  # entropy 0.01 holds HalfCheetah's σ near 1
+    (["env=walker2d"], 1.0, 0.0, 32, 400000),  # Walker2d learns better without it (conf/env/walker2d.yaml)
+    (["env=ant", "algo.model.sigma=0.7"], 0.7, 0.01, 32, 400000),   # the command line still wins
+    (["env=hopper", "algo.minibatches=32", "total_frames=409600"], 1.0, 0.01, 32, 409600),
+    (["experiment=repro_hopper"], 1.0, 0.01, 32, 400000),  # the recipe its committed runs were trained with
+    (["env=halfcheetah", "algo=paper"], 0.1, 0.01, 32, 400000),     # the paper's recipe is its own
+    (["experiment=paper_ant"], 0.1, 0.01, 32, 50000000),
 ])
-def test_the_cpu_recipe_takes_sigma_and_entropy_from_the_task(tmp_path, overrides, sigma, ent_coef):
+def test_the_cpu_recipe_takes_its_settings_from_the_task(tmp_path, overrides, sigma, ent_coef, minibatches, frames):
     from prunerl.config import validate_fit
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg(tmp_path / "run", *overrides)
     validate_fit(cfg)
-    assert (cfg.algo.model.sigma, cfg.algo.ent_coef) == (sigma, ent_coef)
+    assert (cfg.algo.model.sigma, cfg.algo.ent_coef, cfg.algo.minibatches, cfg.total_frames) == (
+        sigma, ent_coef, minibatches, frames)
     # the run's config.yaml holds the values, not the interpolation
     from omegaconf import OmegaConf
     saved = yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
-    assert (saved["algo"]["model"]["sigma"], saved["algo"]["ent_coef"]) == (sigma, ent_coef)
+    assert (saved["algo"]["model"]["sigma"], saved["algo"]["ent_coef"], saved["algo"]["minibatches"]) == (
+        sigma, ent_coef, minibatches)
