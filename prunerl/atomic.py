@@ -63,6 +63,34 @@ def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterat
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+    remove_stale_temporaries(path)
+
+
+#: a temporary file of the same final name untouched for this long was left by a writer that died
+#: (``kill -9`` mid-write); writes of PruneRL's files take seconds
+STALE_AFTER_S = 3600.0
+
+
+def remove_stale_temporaries(path: str | os.PathLike, older_than_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporary files an interrupted write of ``path`` left beside it (a killed writer
+    cannot remove its own), so a job that keeps crashing does not fill its disk one checkpoint at a
+    time; those of a write still in progress (modified within ``older_than_s``) are kept."""
+    import time
+
+    path, removed = Path(path), []
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp*"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -104,3 +104,18 @@ def test_fit_writes_checkpoints_and_summary_through_the_atomic_writer(small_cfg,
     for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
         torch.load(p, map_location="cpu", weights_only=False)
     assert not [p for p in (tmp_path / "run").rglob(".*.tmp*")]
+
+
+def test_a_write_removes_the_temporaries_a_killed_writer_left_of_that_file_only(tmp_path):
+    target = tmp_path / "last.ckpt"
+    stale = tmp_path / ".last.ckpt.abc123.tmp"       # a writer killed an hour ago
+    fresh = tmp_path / ".last.ckpt.def456.tmp"       # a write still in progress
+    other = tmp_path / ".summary.json.ghi789.tmp"    # another file's (old) temporary: not ours to judge here
+    for p in (stale, fresh, other):
+        p.write_bytes(b"torn")
+    old = time.time() - 2 * atomic.STALE_AFTER_S
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    atomic.write_text(target, "new")
+    assert target.read_text() == "new"
+    assert not stale.exists() and fresh.exists() and other.exists()
