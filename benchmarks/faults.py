@@ -79,21 +79,35 @@ def _ckpt_frames(run: Path) -> int | None:
     return torch.load(p, map_location="cpu", weights_only=False)["prunerl"]["frames"] if p.is_file() else None
 
 
+SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigusr1": signal.SIGUSR1, "sigusr2": signal.SIGUSR2}
+#: kill9_after_timed_checkpoint: checkpoint.every_minutes=TIMED_MINUTES, killed two rollouts after the
+#: first timed last.ckpt is on disk — what the time-based checkpoint bounds the loss to
+TIMED_MINUTES = 0.25
+
+
 def one(fault: str, root: Path, over: list[str], after_rollouts: int) -> dict:
     run = root / fault
+    if fault == "kill9_after_timed_checkpoint":
+        over = [*over, f"checkpoint.every_minutes={TIMED_MINUTES}"]
     child, t_start = _start(run, over)
     _wait_rows(child, run, after_rollouts)
+    if fault == "kill9_after_timed_checkpoint":
+        while _ckpt_frames(run) is None and child.poll() is None:
+            time.sleep(0.2)
+        _wait_rows(child, run, len(_rows(run)) + 2)
     frames_at_fault = _rows(run)[-1]["train/frames"]
     t_fault = time.monotonic()
-    if fault == "kill9":
+    if fault.startswith("kill9"):
         child.kill()
     else:
-        child.send_signal({"sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1}[fault])
+        child.send_signal(SIGNALS[fault])
     code = child.wait()
     stop_s = time.monotonic() - t_fault
     resumed_from = _ckpt_frames(run) or 0
     rows_before = len([r for r in _rows(run) if r["train/frames"] <= resumed_from])
-    old = _inode(run) if rows_before == 0 else None   # no checkpoint: the run dir is moved aside and restarted
+    # rows past the checkpoint: the resumed run rewrites metrics.jsonl without them (a new file); no
+    # checkpoint: the run dir is moved aside and restarted (a new file too)
+    old = _inode(run) if rows_before == 0 or len(_rows(run)) > rows_before else None
     child, t0 = _start(run, over)
     t_first = _wait_rows(child, run, rows_before + 1, not_inode=old)
     child.kill()
@@ -103,6 +117,18 @@ def one(fault: str, root: Path, over: list[str], after_rollouts: int) -> dict:
             "frames_finished_after_the_signal": max(0, resumed_from - frames_at_fault),
             "stop_s": round(stop_s, 2), "resume_to_first_update_s": round(t_first - t0, 2),
             "first_rollout_of_a_fresh_start_s": None}
+
+
+def diverged(root: Path, over: list[str]) -> dict:
+    """A run that diverges at its first update (``algo.lr=1e30``): its exit code, summary and last good checkpoint."""
+    run = root / "diverged"
+    child, t0 = _start(run, [*over, "algo.lr=1e30"])
+    code = child.wait()
+    summary = json.loads((run / "summary.json").read_text())
+    return {"fault": "nan_inf (algo.lr=1e30)", "exit_code": code, "stop_s": round(time.monotonic() - t0, 2),
+            "status": summary.get("status"), "diverged_at_update": summary.get("diverged_at_update"),
+            "diverged_term": summary.get("diverged_term"), "last_good_checkpoint": summary.get("last_good_checkpoint"),
+            "frames_lost": "the run ends (resuming would diverge again: deterministic)"}
 
 
 def main() -> None:
@@ -120,14 +146,17 @@ def main() -> None:
         child.kill()
         child.wait()
         rows = []
-        for fault in ("sigterm", "sigusr1", "kill9"):
+        for fault in ("sigterm", "sigint", "sigusr1", "sigusr2", "kill9", "kill9_after_timed_checkpoint"):
             r = one(fault, root, over, args.after)
             r["first_rollout_of_a_fresh_start_s"] = round(t1 - t0, 2)
             rows.append(r)
             print(json.dumps(r), flush=True)
+        rows.append(diverged(root, over))
+        print(json.dumps(rows[-1]), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    result = {"overrides": over, "cpu_count": os.cpu_count(), "rows": rows,
+    result = {"command": "python -m benchmarks.faults " + " ".join(sys.argv[1:]), "overrides": over,
+              "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows,
               "note": "stop_s includes finishing the rollout in progress (signals) — ~0 for kill -9; "
                       "frames_lost is what the resumed run trains again; timings depend on what else runs"}
     atomic.write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
