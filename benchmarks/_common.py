@@ -54,6 +54,8 @@ def prunerl_overrides(*, kappa: float, num_envs: int, total_frames: int, seed: i
         f"algo.epochs={EPOCHS}",
         f"algo.minibatches={FRAMES_PER_BATCH // MINIBATCH}",
         f"algo.kappa={kappa}",
+        "algo.sa.steps=10",          # issue 11's κ = 0.3 target is for the 10-step SA loop (SA-PPO's),
+        "algo.sa.step_ratio=0.1",    # not the CPU default's 5 steps of ε/5
         "algo.model.hidden=[64,64]",
         "algo.model.activation=tanh",
         "algo.model.learn_std=true",

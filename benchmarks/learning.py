@@ -95,6 +95,14 @@ def _algo(cfg) -> dict:
     return OmegaConf.to_container(cfg.algo, resolve=True)
 
 
+def _same_recipe(recorded: dict, now: dict) -> bool:
+    """Whether a recorded run's ``algo`` is today's recipe. At κ = 0 the SA settings (``algo.sa``)
+    change nothing (the inner loop is skipped), so they are not compared there."""
+    def effective(algo: dict) -> dict:
+        return {k: v for k, v in algo.items() if not (k == "sa" and algo.get("kappa", 0) == 0)}
+    return effective(recorded) == effective(now)
+
+
 def _recipe_algo(args, task: str) -> dict:
     """The ``algo`` config that the PruneRL worker would compose for ``task`` now."""
     overrides = (prunerl_overrides(kappa=0.0, num_envs=args.num_envs, total_frames=args.frames, seed=0,
@@ -289,7 +297,7 @@ def main(argv=None) -> int:
             r = json.loads(f.read_text())
             if r.get("frames", 0) >= args.frames and (args.recipe == "sb3" or "eval_return" in r):
                 task = j.split("_", 1)[0]
-                if "_prunerl_" in j and r.get("algo", now_algo(task)) != now_algo(task):
+                if "_prunerl_" in j and not _same_recipe(r.get("algo", now_algo(task)), now_algo(task)):
                     print(f"{j}: its recipe is not today's ({f}); training it again", flush=True)
                     shutil.rmtree(args.runs_dir / f"{j}_run", ignore_errors=True)  # its run dir is of the old recipe
                     continue

@@ -186,25 +186,28 @@ def test_skip_finished_skips_the_same_finished_run_only(small_cfg, tmp_path):
     assert fourth["resumed_from"] is None and (tmp_path / "run.partial-0" / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("overrides, sigma, ent_coef, minibatches, frames", [
-    (["env=hopper"], 1.0, 0.01, 16, 614400),   # minibatches of 128, 600k frames (conf/env/hopper.yaml)
-    (["env=ant"], 0.3, 0.01, 32, 400000),      # at σ = 1 Ant's control cost topples it
-    (["env=halfcheetah"], 1.0, 0.0, 32, 400000),  # entropy 0.01 holds HalfCheetah's σ near 1
-    (["env=walker2d"], 1.0, 0.0, 32, 400000),  # Walker2d learns better without it (conf/env/walker2d.yaml)
-    (["env=ant", "algo.model.sigma=0.7"], 0.7, 0.01, 32, 400000),   # the command line still wins
-    (["env=hopper", "algo.minibatches=32", "total_frames=409600"], 1.0, 0.01, 32, 409600),
-    (["experiment=repro_hopper"], 1.0, 0.01, 32, 400000),  # the recipe its committed runs were trained with
-    (["env=halfcheetah", "algo=paper"], 0.1, 0.01, 32, 400000),     # the paper's recipe is its own
-    (["experiment=paper_ant"], 0.1, 0.01, 32, 50000000),
+@pytest.mark.parametrize("overrides, sigma, ent_coef, minibatches, frames, sa", [
+    (["env=hopper"], 1.0, 0.01, 16, 512000, (5, 0.2)),   # minibatches of 128, 512k frames (conf/env/hopper.yaml), 5 SA steps of ε/5
+    (["env=ant"], 0.3, 0.01, 32, 400000, (5, 0.2)),      # at σ = 1 Ant's control cost topples it
+    (["env=halfcheetah"], 1.0, 0.0, 32, 400000, (5, 0.2)),  # entropy 0.01 holds HalfCheetah's σ near 1
+    (["env=walker2d"], 1.0, 0.0, 32, 400000, (5, 0.2)),  # Walker2d learns better without it (conf/env/walker2d.yaml)
+    (["env=ant", "algo.model.sigma=0.7"], 0.7, 0.01, 32, 400000, (5, 0.2)),   # the command line still wins
+    (["env=hopper", "algo.minibatches=32", "total_frames=409600", "algo.sa.steps=10"], 1.0, 0.01, 32, 409600, (10, 0.2)),
+    (["experiment=repro_hopper"], 1.0, 0.01, 32, 400000, (10, 0.1)),  # the recipe its committed runs were trained with
+    (["env=halfcheetah", "algo=paper"], 0.1, 0.01, 32, 400000, (10, 0.1)),     # the paper's recipe is its own (SA-PPO's loop)
+    (["experiment=paper_ant"], 0.1, 0.01, 32, 50000000, (10, 0.1)),
+    (["experiment=adversary", "env=hopper", "victim=null"], 0.5, 0.01, 32, 200000, (10, 0.1)),  # κ = 0; pinned for its cache key
 ])
-def test_the_cpu_recipe_takes_its_settings_from_the_task(tmp_path, overrides, sigma, ent_coef, minibatches, frames):
+def test_the_cpu_recipe_takes_its_settings_from_the_task(tmp_path, overrides, sigma, ent_coef, minibatches, frames, sa):
     from prunerl.config import validate_fit
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg(tmp_path / "run", *overrides)
-    validate_fit(cfg)
+    if "experiment=adversary" not in overrides:   # an adversary run needs a victim checkpoint to validate
+        validate_fit(cfg)
     assert (cfg.algo.model.sigma, cfg.algo.ent_coef, cfg.algo.minibatches, cfg.total_frames) == (
         sigma, ent_coef, minibatches, frames)
+    assert (cfg.algo.sa.steps, cfg.algo.sa.step_ratio) == sa
     # the run's config.yaml holds the values, not the interpolation
     from omegaconf import OmegaConf
     saved = yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
