@@ -62,7 +62,9 @@ def main(argv=None) -> None:
         obs = collect_transitions(actor, norm, cfg["env"]["name"], args.states, seed=args.seed,
                                   engine=cfg["env"].get("engine", "mujoco"))["observation"]
         row = {"checkpoint": str(path), "task": cfg["env"]["name"], "kappa": cfg["algo"]["kappa"],
-               "update": ckpt.get("global_step"), "eps": eps, "states": len(obs), "mean_kl": {}}
+               "update": ckpt.get("global_step"), "trained_with": {"sa": cfg["algo"]["sa"],
+                                                                    "total_frames": cfg["total_frames"]},
+               "eps": eps, "states": len(obs), "mean_kl": {}}
         for steps, div in PAIRS:
             kls = [mean_kl(actor, obs, eps, steps, eps / div, seed) for seed in range(args.draws)]
             row["mean_kl"][f"{steps}x(eps/{div})"] = kls
