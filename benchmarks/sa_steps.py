@@ -59,6 +59,7 @@ def main(argv=None) -> None:
         ckpt = load_checkpoint(path)
         actor, norm, cfg = actor_from_checkpoint(ckpt)
         eps = cfg["algo"]["sa"]["eps"] or cfg["env"]["eps"]
+        torch.manual_seed(args.seed)   # the rollouts' sampled actions come from torch's global RNG
         obs = collect_transitions(actor, norm, cfg["env"]["name"], args.states, seed=args.seed,
                                   engine=cfg["env"].get("engine", "mujoco"))["observation"]
         row = {"checkpoint": str(path), "task": cfg["env"]["name"], "kappa": cfg["algo"]["kappa"],
