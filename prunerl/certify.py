@@ -38,6 +38,13 @@ bisection), as CROWN does.
 Everything is computed in float64. IBP's output box is never wider than |W_L|⋯|W_1|𝟙·ε around
 μ(s), so IBP ≤ L̃_∞·ε (‖|W|‖₂ ≤ min(‖W‖_F, sqrt(‖W‖_1 ‖W‖_∞))), and hence CROWN ≤ IBP ≤ L̃_∞·ε.
 
+The SA regulariser's bounds (``algo.sa.method=convex``, issue 14 item 2) live here too, on the same
+relaxations: :func:`mixed_output_bounds` is β·CROWN-IBP + (1 − β)·IBP (CROWN-IBP: IBP's hidden
+intervals, CROWN's back-substitution for the output only, :func:`crown_ibp_bounds`) in the network's
+own dtype and differentiable w.r.t. its weights — slopes included, tanh's crossing tangents read from
+a table instead of bisected; IBP's box in centre-radius form so a pruned (zero) weight gets a
+subgradient. Float32 rounding makes those a training objective; the certificates are float64.
+
 No Lightning, no Hydra: the Lipschitz callback, ``benchmarks/certificates.py`` and the tests call
 these functions.
 """
@@ -260,9 +267,9 @@ def relaxation(relu: bool, l: torch.Tensor, u: torch.Tensor, tabulated: bool = F
 
     The slopes and intercepts are functions of l and u; with ``l``/``u`` in an autograd graph (the
     training bounds, ``tabulated``) the gradient flows through both: the slopes are heuristic, not
-    optimal, so leaving their dependence out would not give the bound's gradient (measured: on a
-    64x64 tanh net, CROWN-IBP's bound then rose along the negative "gradient"). The bisection's
-    slopes (certificates) carry no gradient."""
+    optimal, so leaving their dependence out would give a partial derivative, not the bound's
+    gradient (tests/test_sa_convex.py checks the gradient against finite differences). The
+    bisection's slopes (certificates) carry no gradient."""
     if relu:
         k_lo, k_up = _relu_slopes(l, u)
     elif tabulated:
