@@ -38,12 +38,20 @@ bisection), as CROWN does.
 Everything is computed in float64. IBP's output box is never wider than |W_L|⋯|W_1|𝟙·ε around
 μ(s), so IBP ≤ L̃_∞·ε (‖|W|‖₂ ≤ min(‖W‖_F, sqrt(‖W‖_1 ‖W‖_∞))), and hence CROWN ≤ IBP ≤ L̃_∞·ε.
 
+The SA regulariser's bounds (``algo.sa.method=convex``, issue 14 item 2) live here too, on the same
+relaxations: :func:`mixed_output_bounds` is β·CROWN-IBP + (1 − β)·IBP (CROWN-IBP: IBP's hidden
+intervals, CROWN's back-substitution for the output only, :func:`crown_ibp_bounds`) in the network's
+own dtype and differentiable w.r.t. its weights — slopes included, tanh's crossing tangents read from
+a table instead of bisected; IBP's box in centre-radius form so a pruned (zero) weight gets a
+subgradient. Float32 rounding makes those a training objective; the certificates are float64.
+
 No Lightning, no Hydra: the Lipschitz callback, ``benchmarks/certificates.py`` and the tests call
 these functions.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -81,13 +89,16 @@ def _check_eps(eps) -> float:
     return e
 
 
-def _layers(net: nn.Sequential, weights, biases):
+def _layers(net: nn.Sequential, weights, biases, differentiable: bool = False):
+    """(weights, biases, relu flags) of ``net``: detached float64 copies for the certificates, or
+    with ``differentiable`` the parameters themselves (their dtype, in the autograd graph)."""
     linears, acts = mlp_parts(net)
     ws = weights if weights is not None else [m.weight for m in linears]
     bs = biases if biases is not None else [m.bias for m in linears]
-    ws = [w.detach().double() for w in ws]
-    bs = [b.detach().double() if b is not None else torch.zeros(w.shape[0], dtype=torch.double, device=w.device)
-          for w, b in zip(ws, bs)]
+    if not differentiable:
+        ws = [w.detach().double() for w in ws]
+        bs = [b.detach().double() if b is not None else None for b in bs]
+    bs = [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) for w, b in zip(ws, bs)]
     relu = [isinstance(a, nn.ReLU) for a in acts]
     return ws, bs, relu
 
@@ -97,9 +108,13 @@ def _act(z: torch.Tensor, relu: bool) -> torch.Tensor:
 
 
 def _affine_box(w: torch.Tensor, b: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-    """The box of W·x + b over the box lo ≤ x ≤ hi: W⁺ picks the upper end, W⁻ the lower."""
-    wp, wn = w.clamp(min=0), w.clamp(max=0)
-    return lo @ wp.T + hi @ wn.T + b, hi @ wp.T + lo @ wn.T + b
+    """The box of W·x + b over the box lo ≤ x ≤ hi, in centre-radius form (Gowal et al. 2018):
+    W·mid + b ± |W|·rad. The same box as W⁺ picking one end and W⁻ the other, to rounding; unlike
+    that split (whose clamps both pass a gradient at 0), its gradient at a zero (pruned) weight is
+    0, a subgradient of the kink there — the SA regulariser differentiates through it."""
+    mid, rad = (hi + lo) / 2, (hi - lo) / 2
+    centre, radius = mid @ w.T + b, rad @ w.abs().T
+    return centre - radius, centre + radius
 
 
 def _forward(ws, bs, relu, x):
@@ -110,17 +125,18 @@ def _forward(ws, bs, relu, x):
     return x
 
 
-def _prepare(net, states, eps, weights, biases):
+def _prepare(net, states, eps, weights, biases, differentiable: bool = False):
     eps = _check_eps(eps)
-    ws, bs, relu = _layers(net, weights, biases)
-    s = states.detach().double()
+    ws, bs, relu = _layers(net, weights, biases, differentiable)
+    s = states.detach().to(ws[0].dtype)
     if s.dim() != 2 or s.shape[1] != ws[0].shape[1]:
         raise ValueError(f"states of shape {tuple(states.shape)}: expected (batch, {ws[0].shape[1]})")
     return eps, ws, bs, relu, s
 
 
 # -- interval bound propagation -------------------------------------------------------------------
-@torch.no_grad()
+# The private helpers below are plain tensor maths (no ``no_grad``): the public float64 functions
+# run them without gradients, :func:`mixed_output_bounds` (the SA regulariser's) with them.
 def _ibp_boxes(ws, bs, relu, s, eps):
     """[(l, u)] of every layer's pre-activation z_ℓ over the ball, by IBP."""
     lo, hi = s - eps, s + eps
@@ -144,24 +160,70 @@ def interval_bounds(net: nn.Sequential, states: torch.Tensor, eps: float, weight
 
 
 # -- linear relaxations ---------------------------------------------------------------------------
-def _tanh_upper_slope(l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """CROWN's slope of the upper line of tanh on [l, u] (any slope is sound with the exact intercept)."""
+def _tangent_residual(t, l, tanh_l):
+    """f(t) = tanh t + tanh'(t)(l − t) − tanh l: zero where the tangent of tanh at t passes through (l, tanh l)."""
+    th = torch.tanh(t)
+    return th + (1 - th ** 2) * (l - t) - tanh_l
+
+
+# the tangent-point table of the training bounds: t*(l) on a grid of l ∈ [−_TABLE_L, 0], step 1/_TABLE_PER_UNIT
+_TABLE_L, _TABLE_PER_UNIT = 8.0, 256
+
+
+@functools.cache
+def _tangent_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """t*(l) for l on the grid −_TABLE_L, …, 0: the tangent point t > 0 of tanh's upper line through
+    (l, tanh l) (the root of :func:`_tangent_residual`; it depends on l only, not on u), by 60
+    halvings of [0, 4] in float64 (t*(−8) ≈ 1.5). Computed once per dtype and device, as auto_LiRPA
+    tabulates its tanh tangents; a padding entry at the end lets the interpolation read i + 1."""
+    n = int(_TABLE_L * _TABLE_PER_UNIT)
+    l = torch.linspace(-_TABLE_L, 0.0, n + 1, dtype=torch.double)
+    tl = torch.tanh(l)
+    a, b = torch.zeros_like(l), torch.full_like(l, 4.0)
+    for _ in range(60):
+        m = (a + b) / 2
+        pos = _tangent_residual(m, l, tl) >= 0
+        a, b = torch.where(pos, a, m), torch.where(pos, m, b)
+    return torch.cat([b, b[-1:]]).to(dtype=dtype, device=device)
+
+
+def _tabulated_tangent_point(l: torch.Tensor) -> torch.Tensor:
+    """t*(l) by linear interpolation in :func:`_tangent_table` (l clamped to [−_TABLE_L, 0]: below
+    it the tangent at t*(−_TABLE_L) is used — looser there, never unsound, the intercept is exact)."""
+    table = _tangent_table(l.dtype, l.device)
+    x = (l.clamp(-_TABLE_L, 0.0) + _TABLE_L) * _TABLE_PER_UNIT
+    i = x.floor().clamp(max=table.numel() - 2)
+    lo = table[i.long()]
+    return lo + (x - i) * (table[i.long() + 1] - lo)
+
+
+def _tanh_upper_slope(l: torch.Tensor, u: torch.Tensor, tabulated: bool = False) -> torch.Tensor:
+    """CROWN's slope of the upper line of tanh on [l, u] (any slope is sound with the exact intercept).
+    ``tabulated`` (the training bounds): the crossing case's tangent point from
+    :func:`_tangent_table` instead of a bisection per element — ~3x cheaper for 256-wide layers, a
+    slope within ~1e-5 of the bisection's, and a differentiable function of l and u (no in-place
+    writes), so the bound's gradient includes how the slopes move."""
     width = u - l
     tl, tu = torch.tanh(l), torch.tanh(u)
     mid = (l + u) / 2
     tangent_mid = 1 - torch.tanh(mid) ** 2
-    chord = torch.where(width > 1e-12, (tu - tl) / width.clamp(min=1e-300), tangent_mid)
+    # the chord where the interval is wide enough for it to be accurate (float32: a chord over 1e-3
+    # is off by ~1e-4); the divisor is 1 elsewhere, so the unused branch has no inf in its gradient
+    wide = width > (1e-12 if l.dtype == torch.float64 else 1e-3)
+    chord = torch.where(wide, (tu - tl) / torch.where(wide, width, torch.ones_like(width)), tangent_mid)
     slope = torch.where(u <= 0, chord, tangent_mid)  # convex side: chord; concave side: tangent at the midpoint
     # crossing 0: the tangent at t ∈ (0, u] through (l, tanh l); f(t) = tanh t + tanh'(t)(l − t) − tanh l
     # rises with t (tanh'' < 0 on t > 0, l − t < 0), so bisect f = 0 on [0, u] (only where l < 0 < u);
     # if f(u) < 0 the tangent point lies beyond u and the chord is the tighter upper line
     cross = (l < 0) & (u > 0)
+    if tabulated:  # the tangent point depends on l alone; beyond u (u < t*) the chord is tighter
+        tp = _tabulated_tangent_point(l)
+        return torch.where(cross, torch.where(u >= tp, 1 - torch.tanh(tp) ** 2, chord), slope)
     if cross.any():
         lc, uc, tlc = l[cross], u[cross], tl[cross]
 
         def f(t):
-            th = torch.tanh(t)
-            return th + (1 - th ** 2) * (lc - t) - tlc
+            return _tangent_residual(t, lc, tlc)
         a, b = torch.zeros_like(uc), uc.clone()
         for _ in range(_BISECTION_STEPS):
             m = (a + b) / 2
@@ -173,35 +235,53 @@ def _tanh_upper_slope(l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def _relu_slopes(l: torch.Tensor, u: torch.Tensor):
     dead, live = u <= 0, l >= 0
-    width = (u - l).clamp(min=1e-300)
+    width = torch.where(u > l, u - l, torch.ones_like(u))  # used only where l < 0 < u; no inf elsewhere
     upper = torch.where(dead, 0.0, torch.where(live, 1.0, u / width))
     lower = torch.where(dead, 0.0, torch.where(live, 1.0, (u > -l).double()))
     return lower.to(l.dtype), upper.to(l.dtype)
 
 
-def _intercepts(relu: bool, l: torch.Tensor, u: torch.Tensor, k: torch.Tensor):
-    """(min, max) over z ∈ [l, u] of σ(z) − k·z, exactly: over the endpoints and the interior
-    critical points (clipped into [l, u], so every candidate is a point of the interval)."""
+def _intercept(relu: bool, l: torch.Tensor, u: torch.Tensor, k: torch.Tensor, act_l: torch.Tensor,
+               act_u: torch.Tensor, upper: bool) -> torch.Tensor:
+    """max (``upper``) or min over z ∈ [l, u] of σ(z) − k·z, exactly: over the endpoints (σ(l), σ(u)
+    given) and the interior critical points (clipped into [l, u], so every candidate is a point of
+    the interval). In float32, 1 − 1e-16 rounds to 1 and atanh gives ±inf, clipped to u / l."""
     if relu:
-        cands = [l, u, torch.zeros_like(l).clamp(l, u)]
+        inner = [torch.zeros_like(l).clamp(l, u)]
     else:
-        # tanh'(z) = 1 − tanh²z = k at z = ±atanh(sqrt(1 − k)) (none when k ≤ 0 or k > 1)
-        r = (1 - k).clamp(0, 1 - 1e-16).sqrt()
-        c = torch.atanh(r)
-        cands = [l, u, torch.minimum(torch.maximum(c, l), u), torch.minimum(torch.maximum(-c, l), u)]
-    h = torch.stack([_act(z, relu) - k * z for z in cands])
-    return h.min(0).values, h.max(0).values
+        # tanh'(z) = 1 − tanh²z = k at z = ±atanh(sqrt(1 − k)) (none when k ≤ 0 or k > 1); no
+        # gradient through c: at an interior maximiser ∂/∂c (tanh c − k c) = 0 (envelope theorem),
+        # and where c is clipped the gradient reaches l or u through the clip
+        with torch.no_grad():
+            c = torch.atanh((1 - k).clamp(0, 1 - 1e-16).sqrt())
+        inner = [torch.minimum(torch.maximum(c, l), u), torch.minimum(torch.maximum(-c, l), u)]
+    # one reduction over the stacked candidates (its backward is one scatter; a torch.maximum chain's
+    # splits ties with masks, ~2x the whole bound's backward at 256 wide)
+    h = torch.stack([act_l - k * l, act_u - k * u, *(_act(z, relu) - k * z for z in inner)])
+    return (h.max(0) if upper else h.min(0)).values
 
 
-def relaxation(relu: bool, l: torch.Tensor, u: torch.Tensor):
-    """(k_L, b_L, k_U, b_U) with k_L z + b_L ≤ σ(z) ≤ k_U z + b_U for all z ∈ [l, u] (σ = ReLU or tanh)."""
+def relaxation(relu: bool, l: torch.Tensor, u: torch.Tensor, tabulated: bool = False):
+    """(k_L, b_L, k_U, b_U) with k_L z + b_L ≤ σ(z) ≤ k_U z + b_U for all z ∈ [l, u] (σ = ReLU or tanh).
+    ``tabulated``: tanh's crossing tangents from a table (:func:`_tanh_upper_slope`; the training bounds').
+
+    The slopes and intercepts are functions of l and u; with ``l``/``u`` in an autograd graph (the
+    training bounds, ``tabulated``) the gradient flows through both: the slopes are heuristic, not
+    optimal, so leaving their dependence out would give a partial derivative, not the bound's
+    gradient (tests/test_sa_convex.py checks the gradient against finite differences). The
+    bisection's slopes (certificates) carry no gradient."""
     if relu:
         k_lo, k_up = _relu_slopes(l, u)
+    elif tabulated:
+        k_up = _tanh_upper_slope(l, u, tabulated)
+        k_lo = _tanh_upper_slope(-u, -l, tabulated)  # tanh is odd: the lower line on [l, u] mirrors the upper on [−u, −l]
     else:
-        k_up = _tanh_upper_slope(l, u)
-        k_lo = _tanh_upper_slope(-u, -l)  # tanh is odd: the lower line on [l, u] mirrors the upper on [−u, −l]
-    b_lo, _ = _intercepts(relu, l, u, k_lo)
-    _, b_up = _intercepts(relu, l, u, k_up)
+        with torch.no_grad():
+            k_up = _tanh_upper_slope(l, u)
+            k_lo = _tanh_upper_slope(-u, -l)
+    act_l, act_u = _act(l, relu), _act(u, relu)
+    b_lo = _intercept(relu, l, u, k_lo, act_l, act_u, upper=False)
+    b_up = _intercept(relu, l, u, k_up, act_l, act_u, upper=True)
     return k_lo, b_lo, k_up, b_up
 
 
@@ -227,7 +307,6 @@ def _substitute(a: torch.Tensor, k_pos, b_pos, k_neg, b_neg, w, bias):
     return a_eff @ w, const
 
 
-@torch.no_grad()
 def _backward_bounds(ws, bs, relax, k: int, s: torch.Tensor, eps: float):
     """CROWN: (lower, upper) of z_k (layer k's pre-activation, or the output for the last k) over the
     ball, back-substituting the relaxations relax[k−1], …, relax[0] down to the input."""
@@ -284,6 +363,45 @@ def crown_bounds(net: nn.Sequential, states: torch.Tensor, eps: float, weights=N
             lo, hi = _act(zl, relu[k]), _act(zu, relu[k])
     mu = _forward(ws, bs, relu, s)
     return (zl - mu).clamp(max=0), (zu - mu).clamp(min=0)
+
+
+# -- CROWN-IBP and the SA regulariser's bounds (issue 14, item 2) ---------------------------------
+def _crown_ibp_output(ws, bs, relu, s, eps, boxes, tabulated: bool = False):
+    """CROWN-IBP (Zhang et al. 2020, ICLR): the hidden layers' intervals are IBP's (``boxes``); only
+    the output is bounded by CROWN's back-substitution through the relaxations on those intervals
+    (one backward pass from the output, not one per hidden layer as in full CROWN)."""
+    relax = [relaxation(relu[j], *boxes[j], tabulated) for j in range(len(relu))]
+    return _backward_bounds(ws, bs, relax, len(ws) - 1, s, eps)
+
+
+@torch.no_grad()
+def crown_ibp_bounds(net: nn.Sequential, states: torch.Tensor, eps: float, weights=None, biases=None):
+    """CROWN-IBP: (lower, upper), each (B, out), with lower ≤ μ(ŝ) − μ(s) ≤ upper for every ŝ in
+    B∞(s, ε) (float64; not intersected with IBP, so not always tighter than it)."""
+    eps, ws, bs, relu, s = _prepare(net, states, eps, weights, biases)
+    zl, zu = _crown_ibp_output(ws, bs, relu, s, eps, _ibp_boxes(ws, bs, relu, s, eps))
+    mu = _forward(ws, bs, relu, s)
+    return (zl - mu).clamp(max=0), (zu - mu).clamp(min=0)
+
+
+def mixed_output_bounds(net: nn.Sequential, states: torch.Tensor, eps: float, beta: float):
+    """(lower, upper), each (B, out), with lower ≤ μ(ŝ) ≤ upper for every ŝ in B∞(s, ε): the mix
+    β·CROWN-IBP + (1 − β)·IBP of CROWN-IBP training (a convex combination of two sound bounds is
+    sound). Unlike the functions above it runs in the network's own dtype (float32 in training) and
+    in the autograd graph: the result is differentiable w.r.t. the weights and biases (not the
+    states, which are detached). β = 0 skips the CROWN pass. The SA regulariser's
+    (``prunerl.sa.kl_upper_bound``); float32 rounding makes it a training objective, not a
+    certificate — the certificates are the float64 functions above."""
+    beta = float(beta)
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta={beta!r} must lie in [0, 1] (the weight of CROWN-IBP against IBP)")
+    eps, ws, bs, relu, s = _prepare(net, states, eps, None, None, differentiable=True)
+    boxes = _ibp_boxes(ws, bs, relu, s, eps)
+    lower, upper = boxes[-1]
+    if beta > 0:
+        cl, cu = _crown_ibp_output(ws, bs, relu, s, eps, boxes, tabulated=True)
+        lower, upper = beta * cl + (1 - beta) * lower, beta * cu + (1 - beta) * upper
+    return lower, upper
 
 
 # -- certificates ---------------------------------------------------------------------------------

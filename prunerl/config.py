@@ -48,7 +48,8 @@ NUMBERS = (
     ("algo.vf_coef", 0, True, None, None), ("algo.ent_coef", 0, True, None, None),
     ("algo.max_grad_norm", 0, False, None, None), ("algo.model.sigma", 0, False, None, None),
     ("env.clip_obs", 0, False, None, None), ("algo.sa.step_ratio", 0, False, None, None),
-    ("algo.sa.eps_ramp", 0, True, 1, True),
+    ("algo.sa.eps_ramp", 0, True, 1, True), ("algo.sa.beta_start", 0, True, 1, True),
+    ("algo.sa.beta_end", 0, True, 1, True), ("algo.sa.beta_ramp", 0, True, 1, True),
 )
 
 
@@ -80,6 +81,11 @@ def validate_numbers(cfg: DictConfig) -> None:
         if not (_number(v) or (v is None and key != "algo.kappa")):
             raise ConfigError(f"{key}={v!r} is not allowed; allowed: a number >= 0"
                               + (" (null: the task's ε)" if key == "algo.sa.eps" else ""))
+    from prunerl.sa import SA_METHODS
+
+    method = cfg.algo.sa.get("method", "sgld")
+    if method not in SA_METHODS:
+        raise ConfigError(f"algo.sa.method={method!r} is not allowed; allowed: {list(SA_METHODS)}")
     steps = cfg.algo.sa.steps
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ConfigError(f"algo.sa.steps={steps!r} must be an integer >= 0 (0: no inner maximisation)")

@@ -14,7 +14,7 @@ from tensordict import TensorDictBase
 from prunerl.divergence import Diverged, check, parameters_of
 from prunerl.models import Critic, GaussianActor
 from prunerl.ppo import ppo_diagnostics, ppo_loss_terms
-from prunerl.sa import INPUT_GRADIENTS, sa_regularizer
+from prunerl.sa import INPUT_GRADIENTS, SA_METHODS, plain_mlp, sa_regularizer, sa_regularizer_convex
 
 
 class PPOModule(L.LightningModule):
@@ -23,7 +23,9 @@ class PPOModule(L.LightningModule):
                  ent_coef: float = 0.01, max_grad_norm: float = 1.0, normalize_advantage: bool = True,
                  kappa: float = 0.0, eps: float = 0.0, sa_steps: int = 10,
                  sa_step_ratio: float = 0.1, eps_ramp: float = 0.75, anneal_lr: bool = False,
-                 updates_per_rollout: int | None = None, sa_input_gradient: str = "auto"):
+                 updates_per_rollout: int | None = None, sa_input_gradient: str = "auto",
+                 sa_method: str = "sgld", beta_start: float = 1.0, beta_end: float = 0.0,
+                 beta_ramp: float = 0.75):
         super().__init__()
         self.automatic_optimization = False
         self.actor = actor
@@ -43,6 +45,16 @@ class PPOModule(L.LightningModule):
         if sa_input_gradient not in INPUT_GRADIENTS:
             raise ValueError(f"sa_input_gradient={sa_input_gradient!r} is not allowed; allowed: {list(INPUT_GRADIENTS)}")
         self.sa_input_gradient = sa_input_gradient
+        if sa_method not in SA_METHODS:
+            raise ValueError(f"algo.sa.method={sa_method!r} is not allowed; allowed: {list(SA_METHODS)}")
+        if sa_method == "convex" and plain_mlp(actor) is None:
+            raise ValueError("algo.sa.method=convex needs the actor's mean network to be a plain MLP of "
+                             "nn.Linear and nn.Tanh/nn.ReLU layers (prunerl.models.mlp); this actor's is not")
+        for name, v in (("beta_start", beta_start), ("beta_end", beta_end), ("beta_ramp", beta_ramp)):
+            if not 0 <= v <= 1:
+                raise ValueError(f"algo.sa.{name}={v!r} is outside [0, 1]")
+        # convex relaxation: β (weight of CROWN-IBP against IBP) from beta_start to beta_end over beta_ramp of T
+        self.sa_method, self.beta_start, self.beta_end, self.beta_ramp = sa_method, beta_start, beta_end, beta_ramp
         self._step_metrics: list[torch.Tensor] = []
         self._log_ratios: list[torch.Tensor] = []  # this rollout's log r, for ppo_diagnostics
         # figures callbacks (pruning, Lipschitz) add to this rollout's metrics row; merged and
@@ -83,6 +95,16 @@ class PPOModule(L.LightningModule):
             return self.eps
         return self.eps * min(1.0, t / (self.eps_ramp * self.total_updates))
 
+    def sa_beta(self, t: int) -> float:
+        """β_t of the convex relaxation (bound = β·CROWN-IBP + (1 − β)·IBP): linearly from
+        ``beta_start`` to ``beta_end`` over the first ``beta_ramp`` of the T updates, then
+        ``beta_end`` (``beta_ramp`` = 0: ``beta_end`` throughout). Default 1 → 0 over ¾, as SA-PPO's
+        code (``prunerl.sa`` says why)."""
+        if self.beta_ramp <= 0:
+            return float(self.beta_end)
+        f = min(1.0, t / (self.beta_ramp * self.total_updates))
+        return min(1.0, max(0.0, (1 - f) * self.beta_start + f * self.beta_end))  # exact at both ends
+
     def training_step(self, batch: TensorDictBase, batch_idx: int):
         obs = batch["observation"]
         mean = self.actor(obs)
@@ -102,7 +124,13 @@ class PPOModule(L.LightningModule):
             with torch.no_grad():
                 entropy = self.actor.entropy()
         metrics = {**terms, "entropy": entropy.detach()}
-        if self.kappa > 0:  # κ = 0 skips the inner maximisation entirely
+        if self.kappa > 0 and self.sa_method == "convex":  # the certified upper bound of the max-KL
+            eps_t, beta_t = self.sa_eps(self.global_step), self.sa_beta(self.global_step)
+            reg = sa_regularizer_convex(self.actor, obs, self.actor.std, eps_t, beta_t, mean=mean)
+            loss = loss + self.kappa * reg
+            metrics.update(loss_sa=reg.detach(), kl_bound=reg.detach(), sa_eps=torch.tensor(eps_t),
+                           sa_beta=torch.tensor(beta_t))
+        elif self.kappa > 0:  # κ = 0 skips the inner maximisation entirely
             eps_t = self.sa_eps(self.global_step)
             reg, kl_found = sa_regularizer(self.actor, obs, self.actor.std, eps_t, self.sa_steps,
                                            eps_t * self.sa_step_ratio, mean=mean,
@@ -171,7 +199,7 @@ class PPOModule(L.LightningModule):
 
 
 _METRIC_PREFIX = {"loss_objective": "loss/", "loss_critic": "loss/", "loss": "loss/", "entropy": "loss/",
-                  "loss_sa": "sa/", "sa_kl": "sa/", "sa_eps": "sa/"}
+                  "loss_sa": "sa/", "sa_kl": "sa/", "sa_eps": "sa/", "kl_bound": "sa/", "sa_beta": "sa/"}
 
 
 class FlatParameters:

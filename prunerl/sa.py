@@ -34,6 +34,23 @@ read κ with these in mind:
 - **σ is detached** in the regulariser (the reference's ``ROBUST_PPO_DETACH_STDEV`` option; its
   Hopper config leaves it attached): with a learned σ the regulariser could otherwise lower the KL
   by widening σ instead of flattening μ.
+
+The other variant, ``algo.sa.method=convex`` (SA-PPO's ``robust_ppo_method: convex-relax``; issue 14,
+item 2): no inner maximisation, the regulariser is a certified *upper bound* of the max-KL,
+:func:`kl_upper_bound` / :func:`sa_regularizer_convex`. Each coordinate of μ(ŝ) is bounded over the
+ball, l_j ≤ μ_j(ŝ) ≤ u_j (``prunerl.certify.mixed_output_bounds``: β·CROWN-IBP + (1 − β)·IBP), and
+
+    max_{ŝ∈B∞(s,ε)} KL(π(·|s) ‖ π(·|ŝ)) ≤ ½ Σ_j (max(|u_j − μ_j(s)|, |l_j − μ_j(s)|) / σ_j)²,
+
+μ(s) and σ detached as above; the gradient flows through l and u into every weight of the mean
+network. β's schedule (``PPOModule.sa_beta``): from ``beta_start`` to ``beta_end`` over
+``beta_ramp`` of the updates, by default 1 → 0 over the first ¾ — CROWN-IBP first, pure IBP at the
+end, which is the direction of SA-PPO's code (its IBP weight ramps 0 → 1 over the ε schedule,
+``robust_ppo_beta_scheduler_opts: same``) and of CROWN-IBP training (Zhang et al. 2020, ICLR): while
+the network is untrained IBP's boxes are loose and its gradient is a poor guide, CROWN-IBP's
+tighter bound is the better objective; once training has made the network IBP-friendly the cheap
+IBP bound is tight enough. Issue 14's "IBP early" is the other order; ``beta_start=0 beta_end=1``
+gives it. The same scale caveat as above: R_SA is the KL, SA-PPO's bound is 2·KL.
 """
 
 from __future__ import annotations
@@ -43,6 +60,11 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+
+#: ``algo.sa.method``: ``sgld`` maximises the KL over the ball (:func:`max_kl_perturbation`);
+#: ``convex`` minimises a certified upper bound of that maximum (:func:`kl_upper_bound`)
+SA_METHODS = ("sgld", "convex")
 
 
 def gaussian_kl(mean: torch.Tensor, mean_hat: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -60,6 +82,19 @@ def _mlp_layers(mean_fn) -> list[nn.Module] | None:
     if type(mean_fn) is not nn.Sequential or not all(type(m) in (nn.Linear, nn.Tanh, nn.ReLU) for m in mean_fn):
         return None
     return list(mean_fn)
+
+
+def plain_mlp(mean_fn) -> nn.Sequential | None:
+    """The ``nn.Sequential`` of ``mean_fn`` (itself, or a GaussianActor's mean network) if it is a
+    plain MLP Linear, act, Linear, …, Linear with tanh/ReLU activations — what the convex relaxation
+    (``algo.sa.method=convex``) bounds; else None."""
+    from prunerl.models import GaussianActor
+
+    layers = _mlp_layers(mean_fn)
+    if (layers is None or len(layers) % 2 == 0 or any(type(m) is not nn.Linear for m in layers[::2])
+            or any(type(m) is nn.Linear for m in layers[1::2])):
+        return None
+    return mean_fn.mean_net if type(mean_fn) is GaussianActor else mean_fn
 
 
 @torch.no_grad()
@@ -292,6 +327,38 @@ def _max_kl_perturbation_reference(mean_fn: Callable[[torch.Tensor], torch.Tenso
                 grad = grad + (2 * alpha) ** 0.5 * noise * rand_like(grad)
             s_hat = (s_hat + alpha * grad.sign()).clamp(lo, hi)
     return best.detach(), best_kl.detach()
+
+
+def kl_upper_bound(mean_fn, obs: torch.Tensor, std: torch.Tensor, eps: float, beta: float,
+                   mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Per state (B,): an upper bound on max_{ŝ∈B∞(s,ε)} KL(π(·|s) ‖ π(·|ŝ)) by convex relaxation,
+    ½ Σ_j (max(|u_j − μ_j(s)|, |l_j − μ_j(s)|)/σ_j)² with l ≤ μ(ŝ) ≤ u from
+    ``prunerl.certify.mixed_output_bounds`` (β·CROWN-IBP + (1 − β)·IBP), in the parameters' dtype
+    and differentiable w.r.t. them; μ(s) (``mean`` if given, else computed) and σ detached. ε = 0
+    gives exact zeros (the ball is the point s). Only for a plain Linear/Tanh/ReLU MLP (or a
+    GaussianActor around one)."""
+    from prunerl.certify import mixed_output_bounds
+
+    net = plain_mlp(mean_fn)
+    if net is None:
+        raise ValueError(f"algo.sa.method=convex bounds a plain MLP of nn.Linear and nn.Tanh/nn.ReLU layers "
+                         f"(prunerl.models.mlp); got {type(mean_fn).__name__}")
+    if mean is None:
+        with torch.no_grad():
+            mean = mean_fn(obs)
+    mean, std = mean.detach(), std.detach()
+    if eps == 0:
+        return torch.zeros(obs.shape[:-1], dtype=mean.dtype, device=mean.device)
+    lower, upper = mixed_output_bounds(net, obs, eps, beta)
+    dev = torch.maximum((upper - mean).abs(), (lower - mean).abs())
+    return 0.5 * (dev / std).pow(2).sum(-1)
+
+
+def sa_regularizer_convex(mean_fn, obs: torch.Tensor, std: torch.Tensor, eps: float, beta: float,
+                          mean: torch.Tensor | None = None) -> torch.Tensor:
+    """R_SA(θ; B) for ``algo.sa.method=convex``: mean_s of :func:`kl_upper_bound` (the certified
+    upper bound of the max-KL, minimised instead of the max found by SGLD)."""
+    return kl_upper_bound(mean_fn, obs, std, eps, beta, mean=mean).mean()
 
 
 def sa_regularizer(mean_fn: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor,
