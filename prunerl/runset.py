@@ -114,14 +114,28 @@ def _under(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
+#: ``algo.sa`` keys that only one SA method reads (the other computes the same run whatever they are)
+SA_METHOD_KEYS = {"sgld": ("algo.sa.steps", "algo.sa.step_ratio"),
+                  "convex": ("algo.sa.beta_start", "algo.sa.beta_end", "algo.sa.beta_ramp")}
+
+
 def run_config(cfg: dict) -> dict:
-    """The flattened config that defines what a run computed: IGNORED keys dropped, and for an
+    """The flattened config that defines what a run computed: IGNORED keys dropped; for an
     unpruned run every pruning key but the criterion (``pruning=none pruning.final_sparsity=0.3``
-    trains the same dense network as ``pruning=none``)."""
+    trains the same dense network as ``pruning=none``); at κ = 0 every ``algo.sa`` key (the SA
+    regulariser is off); otherwise the ``algo.sa`` keys of the SA method the run did not use. A run
+    saved before ``algo.sa.method`` existed used ``sgld``."""
     flat = {k: v for k, v in flatten(cfg).items() if not _under(k, IGNORED)}
     if flat.get("pruning.criterion") == UNPRUNED:
         flat = {k: v for k, v in flat.items()
                 if not (_under(k, ("pruning", "callbacks.pruning")) and k != "pruning.criterion")}
+    if "algo.kappa" in flat:
+        method = flat.get("algo.sa.method", "sgld")
+        unused = [k for m, keys in SA_METHOD_KEYS.items() if m != method for k in keys]
+        flat = {k: v for k, v in flat.items()
+                if not (_under(k, ("algo.sa",)) and (flat["algo.kappa"] == 0 or k in unused))}
+        if flat["algo.kappa"] != 0:
+            flat["algo.sa.method"] = method
     return flat
 
 

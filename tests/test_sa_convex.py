@@ -3,8 +3,9 @@ max_{ŝ∈B∞(s,ε)} KL(π(·|s) ‖ π(·|ŝ)) by convex relaxation (β·CROWN
 
 The bound is never below what the SGLD maximiser, a PGD attack or random points of the ball find
 (property-based over random masked tanh / ReLU MLPs), is 0 without a ball, is differentiable
-w.r.t. every weight of the mean network (and a few gradient steps lower it), β follows its
-schedule, a short real fit trains with it and logs it, and sgld stays the default."""
+w.r.t. every weight of the mean network (its gradient checked against finite differences), the
+update adds κ times that gradient, β follows its schedule, a short real fit trains with it and logs
+it, and sgld stays the default."""
 
 import copy
 import math
@@ -171,6 +172,38 @@ def _module(**kw):
     torch.manual_seed(0)
     return PPOModule(GaussianActor(4, 2, (8, 8)), Critic(4, (8, 8)), total_updates=100, kappa=0.3, eps=0.1,
                      sa_method="convex", **kw)
+
+
+def test_the_update_adds_kappa_times_the_gradient_of_the_bound():
+    """PPOModule.training_step's actor gradient at κ = 0.3 is the κ = 0 one plus 0.3·∇R (R the convex
+    bound at the update's ε and β): the regulariser reaches the update, not detached, not rescaled."""
+    from tensordict import TensorDict
+    from prunerl.sa import sa_regularizer_convex
+
+    g = torch.Generator().manual_seed(3)
+    batch = TensorDict({"observation": torch.randn(16, 4, generator=g), "action": torch.randn(16, 2, generator=g),
+                        "sample_log_prob": torch.randn(16, generator=g), "advantage": torch.randn(16, generator=g),
+                        "value_target": torch.randn(16, generator=g)}, batch_size=[16])
+    grads = {}
+    for kappa in (0.0, 0.3):
+        torch.manual_seed(0)
+        m = PPOModule(GaussianActor(4, 2, (8, 8)), Critic(4, (8, 8)), total_updates=100, kappa=kappa, eps=0.1,
+                      eps_ramp=0.0, max_grad_norm=1e9, sa_method="convex", beta_start=0.5, beta_end=0.5)
+        m.configure_optimizers()
+
+        class _NoStep:
+            step = staticmethod(lambda: None)
+        m.optimizers = lambda: _NoStep
+        m.manual_backward = lambda loss: loss.backward()
+        m.training_step(batch, 0)
+        grads[kappa] = [p.grad.clone() for p in m.actor.mean_net.parameters()]
+    torch.manual_seed(0)
+    actor = GaussianActor(4, 2, (8, 8))
+    obs = batch["observation"]
+    sa_regularizer_convex(actor, obs, actor.std, 0.1, 0.5, mean=actor(obs)).backward()
+    for g0, g3, p in zip(grads[0.0], grads[0.3], actor.mean_net.parameters()):
+        assert p.grad.abs().max() > 0
+        assert torch.allclose(g3 - g0, 0.3 * p.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_beta_moves_from_start_to_end_over_its_ramp():

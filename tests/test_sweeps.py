@@ -1,5 +1,6 @@
 """Sweep presets, launchers and W&B sweep definitions compose into valid `fit` configs."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,29 @@ def test_wandb_sweeps_together_hold_no_run_twice():
                 overrides.sort(key=lambda o: not o.startswith("pruning="))
             points.append((f"{path.name}: {' '.join(overrides)}", ["seed=0", *overrides]))
     _no_run_twice(points)
+
+
+def test_a_run_is_the_same_run_whatever_sa_keys_it_does_not_read():
+    """The SA keys a run does not read do not make it another run: none at κ = 0, the convex β
+    schedule for sgld, sgld's steps for convex; a run saved before algo.sa.method existed is sgld."""
+    fp = _fingerprint
+    assert fp("algo.kappa=0", "algo.sa.steps=5") == fp("algo.kappa=0", "algo.sa.steps=10", "algo.sa.step_ratio=0.1")
+    assert fp("algo.kappa=0") == fp("algo.kappa=0", "algo.sa.method=convex")
+    assert fp("algo.kappa=0.3", "algo.sa.steps=5") != fp("algo.kappa=0.3", "algo.sa.steps=10")
+    assert fp("algo.kappa=0.3", "algo.sa.beta_start=0.5") == fp("algo.kappa=0.3")
+    assert fp("algo.kappa=0.3", "algo.sa.method=convex") != fp("algo.kappa=0.3")
+    assert (fp("algo.kappa=0.3", "algo.sa.method=convex", "algo.sa.steps=10")
+            == fp("algo.kappa=0.3", "algo.sa.method=convex"))
+    assert (fp("algo.kappa=0.3", "algo.sa.method=convex", "algo.sa.beta_end=0.5")
+            != fp("algo.kappa=0.3", "algo.sa.method=convex"))
+    assert fp("algo.kappa=0.3", "algo.sa.eps_ramp=0.5") != fp("algo.kappa=0.3")   # read by both methods
+
+    from prunerl.runset import fingerprint
+    cfg = compose_with_hydra("algo.kappa=0.3")
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra")
+    today = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+    old = json.loads(json.dumps(today))
+    for k in ("method", "beta_start", "beta_end", "beta_ramp"):   # as a config.yaml saved before them
+        del old["algo"]["sa"][k]
+    assert fingerprint(old) == fingerprint(today)
