@@ -159,3 +159,34 @@ class Stopwatch:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
+
+
+def without_trainer(module):
+    """A PPOModule made to step without a Lightning Trainer: its optimiser configured, and
+    ``optimizers()`` / ``manual_backward`` replaced by what Lightning forwards them to."""
+    opt = module.configure_optimizers()
+
+    class _Opt:  # what LightningOptimizer forwards to, without the Trainer
+        optimizer = opt
+        step = staticmethod(opt.step)
+
+    module.optimizers = lambda: _Opt
+    module.manual_backward = lambda loss: loss.backward()
+    return module
+
+
+def training_step_timer(module, batches: list):
+    """A function timing ``n`` of ``module``'s training steps (ms per step), continuing over
+    ``batches`` from call to call; the per-rollout metric buffers are cleared after each call."""
+    state = {"i": 0}
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            module.training_step(batches[state["i"] % len(batches)], state["i"])
+            state["i"] += 1
+        dt = time.perf_counter() - t0
+        module._step_metrics.clear()
+        module._log_ratios.clear()
+        return dt / n * 1e3
+    return run

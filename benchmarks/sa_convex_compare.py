@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import REPO, load_average, machine_info, write_json  # noqa: E402
+from benchmarks._common import (REPO, load_average, machine_info, training_step_timer,  # noqa: E402
+                               without_trainer, write_json)
 
 EPS, STEPS, STEP_RATIO, KAPPA, HIDDEN, MINIBATCHES = 0.075, 10, 0.1, 0.3, (256, 256), 16
 #: name: (method, β, SGLD steps, step / ε); "sgld" is SA-PPO's 10-step loop (the issue's comparison),
@@ -72,14 +73,7 @@ def make_module(kappa: float, method: str, beta: float, seed: int = 0, steps: in
     module = PPOModule(actor, critic, total_updates=10**6, kappa=kappa, eps=EPS, sa_steps=steps,
                        sa_step_ratio=step_ratio, eps_ramp=0.0, ent_coef=0.01, max_grad_norm=1.0,
                        sa_method=method, beta_start=beta, beta_end=beta, beta_ramp=0.0)
-    opt = module.configure_optimizers()
-
-    class _Opt:  # what LightningOptimizer forwards to, without the Trainer
-        optimizer = opt
-        step = staticmethod(opt.step)
-
-    module.optimizers = lambda: _Opt
-    module.manual_backward = lambda loss: loss.backward()
+    without_trainer(module)
     return module
 
 
@@ -87,18 +81,7 @@ def update_timer(kappa: float, method: str, beta: float, batches: list, steps: i
                  step_ratio: float = STEP_RATIO):
     """A function timing ``n`` training steps (ms per step), continuing over the minibatches."""
     module = make_module(kappa, method, beta, steps=steps, step_ratio=step_ratio)
-    state = {"i": 0}
-
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            module.training_step(batches[state["i"] % len(batches)], state["i"])
-            state["i"] += 1
-        dt = time.perf_counter() - t0
-        module._step_metrics.clear()
-        module._log_ratios.clear()
-        return dt / n * 1e3
-    return run
+    return training_step_timer(module, batches)
 
 
 def regularizer_timer(method: str, beta: float, batches: list, steps: int = STEPS, step_ratio: float = STEP_RATIO):

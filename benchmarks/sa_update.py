@@ -39,7 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import REPO, load_average, machine_info, write_json  # noqa: E402
+from benchmarks._common import (REPO, load_average, machine_info, training_step_timer,  # noqa: E402
+                               without_trainer, write_json)
 
 EPS, STEPS, STEP_RATIO, KAPPA = 0.075, 10, 0.1, 0.3
 IMPLS = ("reference", "auto")
@@ -73,14 +74,7 @@ def make_module(hidden: tuple[int, ...], kappa: float, impl: str, seed: int = 0)
     module = PPOModule(actor, critic, total_updates=10**6, kappa=kappa, eps=EPS, sa_steps=STEPS,
                        sa_step_ratio=STEP_RATIO, eps_ramp=0.0, ent_coef=0.01, max_grad_norm=1.0,
                        sa_input_gradient=impl)
-    opt = module.configure_optimizers()
-
-    class _Opt:  # what LightningOptimizer forwards to, without the Trainer
-        optimizer = opt
-        step = staticmethod(opt.step)
-
-    module.optimizers = lambda: _Opt
-    module.manual_backward = lambda loss: loss.backward()
+    without_trainer(module)
     return module
 
 
@@ -88,18 +82,7 @@ def update_timer(hidden, kappa: float, impl: str, batches: list):
     """A function timing ``n`` training steps (ms per step), continuing over the minibatches; every
     implementation starts from the same weights (same seed) and sees the same minibatch sequence."""
     module = make_module(hidden, kappa, impl)
-    state = {"i": 0}
-
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            module.training_step(batches[state["i"] % len(batches)], state["i"])
-            state["i"] += 1
-        dt = time.perf_counter() - t0
-        module._step_metrics.clear()
-        module._log_ratios.clear()
-        return dt / n * 1e3
-    return run
+    return training_step_timer(module, batches)
 
 
 def inner_loop_timer(hidden, impl: str, batches: list):

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import REPO, machine_info, write_json  # noqa: E402
+from benchmarks._common import REPO, machine_info, without_trainer, write_json  # noqa: E402
 from prunerl.models import Critic, GaussianActor  # noqa: E402
 from prunerl.module import FlatParameters, PPOModule  # noqa: E402
 from prunerl.ppo import ppo_loss_terms  # noqa: E402
@@ -93,14 +93,7 @@ def bare_update(flat: bool):
 def module_update():
     actor, critic = _nets()
     module = PPOModule(actor, critic, total_updates=10**9, ent_coef=0.0, max_grad_norm=CLIP)
-    opt = module.configure_optimizers()
-
-    class _Opt:  # what LightningOptimizer forwards to, without the Trainer
-        optimizer = opt
-        step = staticmethod(opt.step)
-
-    module.optimizers = lambda: _Opt
-    module.manual_backward = lambda loss: loss.backward()
+    without_trainer(module)
 
     def step(mb):
         module.training_step(mb, 0)
