@@ -190,3 +190,19 @@ def training_step_timer(module, batches: list):
         module._log_ratios.clear()
         return dt / n * 1e3
     return run
+
+
+def interleaved_runs(timers: dict, *, warmup: int, repeats: int, calls: int, digits: int = 2) -> dict[str, list[float]]:
+    """Warm every timer up (``warmup`` calls), then ``repeats`` rounds in which each timer times
+    ``calls`` calls, in an order that rotates with the round (background load hurts all alike).
+    ``timers``: name -> function(n) returning ms per call. Returns name -> the per-round figures."""
+    for fn in timers.values():
+        fn(warmup)
+    runs: dict[str, list[float]] = {k: [] for k in timers}
+    names = list(timers)
+    for rep in range(repeats):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            runs[name].append(timers[name](calls))
+        print(f"repeat {rep}: " + "  ".join(f"{n} {v[-1]:.{digits}f}" for n, v in runs.items()), flush=True)
+    return runs

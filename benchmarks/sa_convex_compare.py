@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (REPO, load_average, machine_info, training_step_timer,  # noqa: E402
-                               without_trainer, write_json)
+from benchmarks._common import (REPO, interleaved_runs, load_average, machine_info,  # noqa: E402
+                               training_step_timer, without_trainer, write_json)
 
 EPS, STEPS, STEP_RATIO, KAPPA, HIDDEN, MINIBATCHES = 0.075, 10, 0.1, 0.3, (256, 256), 16
 #: name: (method, β, SGLD steps, step / ε); "sgld" is SA-PPO's 10-step loop (the issue's comparison),
@@ -127,16 +127,7 @@ def main(argv=None) -> int:
     for name, (method, beta, steps, ratio) in VARIANTS.items():
         timers[f"update/{name}"] = update_timer(KAPPA, method, beta, batches, steps, ratio)
     timers["update/kappa0"] = update_timer(0.0, "sgld", 0.0, batches)
-    for fn in timers.values():
-        fn(args.warmup)
-
-    runs: dict[str, list[float]] = {k: [] for k in timers}
-    names = list(timers)
-    for rep in range(args.repeats):
-        k = rep % len(names)
-        for name in names[k:] + names[:k]:
-            runs[name].append(timers[name](args.calls))
-        print(f"repeat {rep}: " + "  ".join(f"{n} {v[-1]:.2f}" for n, v in runs.items()), flush=True)
+    runs = interleaved_runs(timers, warmup=args.warmup, repeats=args.repeats, calls=args.calls, digits=2)
 
     median = {k: statistics.median(v) for k, v in runs.items()}
     vs_sgld = {k: median[k] / median[f"{k.split('/')[0]}/sgld"] for k in median if not k.endswith("/sgld")

@@ -39,8 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (REPO, load_average, machine_info, training_step_timer,  # noqa: E402
-                               without_trainer, write_json)
+from benchmarks._common import (REPO, interleaved_runs, load_average, machine_info,  # noqa: E402
+                               training_step_timer, without_trainer, write_json)
 
 EPS, STEPS, STEP_RATIO, KAPPA = 0.075, 10, 0.1, 0.3
 IMPLS = ("reference", "auto")
@@ -142,16 +142,7 @@ def main(argv=None) -> int:
         for impl in IMPLS:
             timers[f"{tag}/update/{impl}"] = with_threads(threads, update_timer(hidden, KAPPA, impl, batches))
         timers[f"{tag}/update/kappa0"] = with_threads(threads, update_timer(hidden, 0.0, "auto", batches))
-    for fn in timers.values():
-        fn(args.warmup)
-
-    runs: dict[str, list[float]] = {k: [] for k in timers}
-    names = list(timers)
-    for rep in range(args.repeats):
-        k = rep % len(names)
-        for name in names[k:] + names[:k]:
-            runs[name].append(timers[name](args.calls))
-        print(f"repeat {rep}: " + "  ".join(f"{n} {v[-1]:.3f}" for n, v in runs.items()), flush=True)
+    runs = interleaved_runs(timers, warmup=args.warmup, repeats=args.repeats, calls=args.calls, digits=3)
 
     median = {k: statistics.median(v) for k, v in runs.items()}
     speedup, per_repeat = {}, {}
