@@ -122,20 +122,18 @@ SA_METHOD_KEYS = {"sgld": ("algo.sa.steps", "algo.sa.step_ratio"),
 def run_config(cfg: dict) -> dict:
     """The flattened config that defines what a run computed: IGNORED keys dropped; for an
     unpruned run every pruning key but the criterion (``pruning=none pruning.final_sparsity=0.3``
-    trains the same dense network as ``pruning=none``); at κ = 0 every ``algo.sa`` key (the SA
-    regulariser is off); otherwise the ``algo.sa`` keys of the SA method the run did not use. A run
-    saved before ``algo.sa.method`` existed used ``sgld``."""
+    trains the same dense network as ``pruning=none``); and the ``algo.sa`` keys of the SA method the
+    run did not use. A run saved before ``algo.sa.method`` existed used ``sgld``. (At κ = 0 the SA
+    keys are kept: the report's settings compare κ = 0 with κ > 0 runs of the same config.)"""
     flat = {k: v for k, v in flatten(cfg).items() if not _under(k, IGNORED)}
     if flat.get("pruning.criterion") == UNPRUNED:
         flat = {k: v for k, v in flat.items()
                 if not (_under(k, ("pruning", "callbacks.pruning")) and k != "pruning.criterion")}
-    if "algo.kappa" in flat:
+    if any(_under(k, ("algo.sa",)) for k in flat):
         method = flat.get("algo.sa.method", "sgld")
-        unused = [k for m, keys in SA_METHOD_KEYS.items() if m != method for k in keys]
-        flat = {k: v for k, v in flat.items()
-                if not (_under(k, ("algo.sa",)) and (flat["algo.kappa"] == 0 or k in unused))}
-        if flat["algo.kappa"] != 0:
-            flat["algo.sa.method"] = method
+        unused = {k for m, keys in SA_METHOD_KEYS.items() if m != method for k in keys}
+        flat = {k: v for k, v in flat.items() if k not in unused}
+        flat["algo.sa.method"] = method
     return flat
 
 
