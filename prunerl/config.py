@@ -83,7 +83,7 @@ def validate_numbers(cfg: DictConfig) -> None:
                               + (" (null: the task's ε)" if key == "algo.sa.eps" else ""))
     from prunerl.sa import SA_METHODS
 
-    method = cfg.algo.sa.get("method", "sgld")
+    method = cfg.algo.sa.method
     if method not in SA_METHODS:
         raise ConfigError(f"algo.sa.method={method!r} is not allowed; allowed: {list(SA_METHODS)}")
     steps = cfg.algo.sa.steps

@@ -264,9 +264,8 @@ def _train(cfg: DictConfig, run: RunDir, device: torch.device, resume: str | Non
         max_grad_norm=algo.max_grad_norm, normalize_advantage=algo.normalize_advantage,
         kappa=algo.kappa, eps=task_eps(cfg), sa_steps=algo.sa.steps, sa_step_ratio=algo.sa.step_ratio,
         eps_ramp=algo.sa.eps_ramp, anneal_lr=bool(algo.get("anneal_lr", False)),
-        updates_per_rollout=dm.updates_per_rollout, sa_method=algo.sa.get("method", "sgld"),
-        beta_start=algo.sa.get("beta_start", 1.0), beta_end=algo.sa.get("beta_end", 0.0),
-        beta_ramp=algo.sa.get("beta_ramp", 0.75),
+        updates_per_rollout=dm.updates_per_rollout, sa_method=algo.sa.method,
+        beta_start=algo.sa.beta_start, beta_end=algo.sa.beta_end, beta_ramp=algo.sa.beta_ramp,
     )
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
 

@@ -161,10 +161,10 @@ def _fast_plan(mean_fn) -> list[tuple] | None:
     the layer after it, ``"none"`` for the output layer; ``onednn``: run this layer on oneDNN) if it
     is a plain MLP Linear, act, …, Linear; else None. The tensors are the parameters themselves, read
     at call time: pruning masks weights in place, so pruned weights are the zeros used here."""
-    layers = _mlp_layers(mean_fn)
-    if (layers is None or len(layers) % 2 == 0 or any(type(m) is not nn.Linear for m in layers[::2])
-            or any(type(m) is nn.Linear for m in layers[1::2])):
+    net = plain_mlp(mean_fn)
+    if net is None:
         return None
+    layers = list(net)
     op = _onednn_linear()
     plan = []
     for i in range(0, len(layers), 2):
